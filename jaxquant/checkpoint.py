@@ -1,0 +1,96 @@
+"""Models on disk: orbax checkpoints of (config, params[, bounds]) and loading from any model source.
+
+A model checkpoint is an orbax composite directory with items `config` (JSON), `params` (arrays) and, for a
+quantized model, `bounds` (the `lu` arrays, nested like the model) plus `bits` (JSON, site path -> bits,
+since bits are static and not arrays). `load_model` also accepts an official `.pth` (converted on the fly)
+and a run directory of `scripts/quantize.py` (its `model/` checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxquant.quant import Bounds, flat_bounds, nest_bounds
+from jaxquant.swinir import SwinIRConfig
+
+Params = Mapping[str, Any]
+
+
+class Model(NamedTuple):
+    config: SwinIRConfig
+    params: Params
+    bounds: Mapping | None = None  # None: the FP model
+
+
+def _bounds_to_arrays(bounds: Mapping) -> tuple[dict, dict[str, int]]:
+    flat = flat_bounds(bounds)
+    lu = nest_bounds({p: np.asarray(b.lu) for p, b in flat.items()})
+    return lu, {p: b.bits for p, b in flat.items()}
+
+
+def _bounds_from_arrays(lu: Mapping, bits: Mapping[str, int]) -> dict:
+    flat = {"/".join(k): v for k, v in _flatten(lu)}
+    if set(flat) != set(bits):
+        raise ValueError("checkpoint bounds and bit widths name different sites")
+    return nest_bounds({p: Bounds(jax.numpy.asarray(v), int(bits[p])) for p, v in flat.items()})
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _flatten(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def save_model(directory: str | Path, model: Model) -> Path:
+    """Write `model` as an orbax checkpoint at `directory` (replaced if it exists)."""
+    directory = Path(directory).resolve()
+    items = {
+        "config": ocp.args.JsonSave(model.config.to_dict()),
+        "params": ocp.args.StandardSave(jax.tree.map(np.asarray, model.params)),
+    }
+    if model.bounds is not None:
+        lu, bits = _bounds_to_arrays(model.bounds)
+        items["bounds"] = ocp.args.StandardSave(lu)
+        items["bits"] = ocp.args.JsonSave(bits)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(directory, ocp.args.Composite(**items), force=True)
+    return directory
+
+
+def _restore_checkpoint(directory: Path) -> Model:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        names = set(ckptr.metadata(directory).item_metadata.keys())
+        if not {"config", "params"} <= names:
+            raise ValueError(f"{directory} is an orbax checkpoint but not a jaxquant model (items: {sorted(names)})")
+        restore = {"config": ocp.args.JsonRestore(), "params": ocp.args.StandardRestore()}
+        if "bounds" in names:
+            restore |= {"bounds": ocp.args.StandardRestore(), "bits": ocp.args.JsonRestore()}
+        got = ckptr.restore(directory, ocp.args.Composite(**restore))
+    config = SwinIRConfig.from_dict(got["config"])
+    bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if "bounds" in names else None
+    return Model(config, got["params"], bounds)
+
+
+def load_model(source: str | Path, param_key: str | None = None) -> Model:
+    """A model from a `.pth` file, a model checkpoint, or a `scripts/quantize.py` run directory."""
+    from weights_convert.swinir import torch_to_flax, unwrap_state_dict
+    from weights_convert.torch_pickle import load_pth
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.is_file():
+        config, params = torch_to_flax(unwrap_state_dict(load_pth(path), param_key))
+        return Model(config, params)
+    if (path / "model").is_dir():  # a run directory
+        path = path / "model"
+    if not (path / "config").exists():
+        raise ValueError(f"{path} is neither a .pth file, a model checkpoint nor a run directory")
+    return _restore_checkpoint(path.resolve())

@@ -1,0 +1,113 @@
+"""DOBI (distribution-oriented bound initialization, 2DQuant section 3.2) and the MinMax / Percentile baselines.
+
+Paper: Liu et al., "2DQuant", NeurIPS 2024. Official code: `DOBI` in `basicsr/archs/quant_arch.py`
+(github.com/Kai-Liu001/2DQuant), which loops over candidates in Python and syncs to the host for each.
+
+Here one jitted FP pass over the calibration batch runs the search at every site as the tensor appears
+(`calibration_site` is the model's `SiteFn`), so no site's tensor outlives its own search. The K candidate
+errors of a site are evaluated in parallel with `lax.map(batch_size=...)`: vmapped for small tensors,
+one candidate at a time for large ones (memory stays at one copy of the tensor), then `argmin` keeps the first minimum (i = 0, plain min/max, wins ties).
+
+Candidates for a tensor with range R = max - min (spec section 4):
+- symmetric (official, every site): l_i = min + i R/(2K), u_i = max - i R/(2K), i = 0..K-1;
+- one-sided (paper, for long-tailed tensors: softmax output, fc2 input): l = min, u_i = max - i R/(2K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxquant.quant import Bounds, fake_quant, true_divide
+from jaxquant.swinir import SwinIR, SwinIRConfig
+
+Array = jax.Array
+Method = Literal["minmax", "percentile", "dobi"]
+Strategy = Literal["official", "paper"]
+
+# Candidates evaluated together (vmapped) stay under this many elements; larger tensors loop over
+# candidates one at a time, which XLA's CPU reductions run fastest and which keeps memory at one copy.
+VMAP_ELEMENTS = 1 << 18
+
+
+def is_long_tailed(path: str) -> bool:
+    """Sites the paper searches one-sided: the softmax output and the fc2 input (post-GELU)."""
+    return path.endswith("attn/probs") or path.endswith("mlp/fc2/act")
+
+
+def candidate_bounds(lo: Array, hi: Array, num: int, one_sided: bool) -> Array:
+    """(num, 2) candidate [l, u] pairs, in the official float32 arithmetic."""
+    diff = true_divide(hi - lo, jnp.asarray(2 * num, lo.dtype))
+    # diff * i is non-decreasing, so sorting changes nothing but forces the product to be rounded to float32
+    # before the add, as PyTorch does; fused into the add, XLA's CPU backend would emit a fused multiply-add.
+    step = jax.lax.sort(diff * jnp.arange(num, dtype=lo.dtype))
+    lower = jnp.full((num,), lo) if one_sided else lo + step
+    return jnp.stack([lower, hi - step], axis=1)
+
+
+def quantization_error(x: Array, lu: Array, bits: int) -> Array:
+    """Squared L2 error ||x - Q(x)||^2 (same argmin as the official norm)."""
+    return jnp.sum(jnp.square(x - fake_quant(x, lu, bits)))
+
+
+def dobi_search(x: Array, bits: int, *, num_candidates: int = 100, one_sided: bool = False) -> Array:
+    """The [l, u] among the candidates that minimizes the quantization error of `x`; first minimum wins."""
+    x = x.reshape(-1)
+    cands = candidate_bounds(jnp.min(x), jnp.max(x), num_candidates, one_sided)
+    batch = max(1, min(num_candidates, VMAP_ELEMENTS // x.size))
+    errors = jax.lax.map(lambda lu: quantization_error(x, lu, bits), cands, batch_size=batch)
+    return cands[jnp.argmin(errors)]
+
+
+def minmax_bounds(x: Array) -> Array:
+    return jnp.stack([jnp.min(x), jnp.max(x)])
+
+
+def percentile_bounds(x: Array, percentile: float) -> Array:
+    """[q(100 - p), q(p)]: clip the two tails at the given percentile."""
+    return jnp.percentile(x.reshape(-1), jnp.asarray([100.0 - percentile, percentile]))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How bounds are initialised: `method` at every site, DOBI's `strategy`, the Percentile's `percentile`."""
+
+    method: Method = "dobi"
+    strategy: Strategy = "official"
+    num_candidates: int = 100
+    percentile: float = 99.99
+
+    def search(self, path: str, x: Array, bits: int) -> Array:
+        if self.method == "minmax":
+            return minmax_bounds(x)
+        if self.method == "percentile":
+            return percentile_bounds(x, self.percentile)
+        one_sided = self.strategy == "paper" and is_long_tailed(path)
+        return dobi_search(x, bits, num_candidates=self.num_candidates, one_sided=one_sided)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSite:
+    """A `SiteFn` that replaces each site's bounds by the searched ones and passes the FP tensor on."""
+
+    calibration: Calibration
+
+    def __call__(self, module: nn.Module, name: str, x: Array) -> Array:
+        if module.has_variable("bounds", name):
+            b = module.get_variable("bounds", name)
+            path = "/".join((*module.scope.path, name))
+            module.put_variable("bounds", name, Bounds(self.calibration.search(path, x, b.bits), b.bits))
+        return x
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def calibrate(config: SwinIRConfig, calibration: Calibration, params, bounds, images: Array):
+    """One FP pass over `images` (B, H, W, C) that sets every site in `bounds` by `calibration`."""
+    model = SwinIR(config, site=CalibrationSite(calibration))
+    _, state = model.apply({"params": params, "bounds": bounds}, images, mutable=["bounds"])
+    return state["bounds"]

@@ -1,0 +1,72 @@
+"""Benchmark evaluation with the BasicSR / SwinIR protocol (spec section 6).
+
+Whole-image inference (the model flip-pads to a multiple of the window and crops back, as 2DQuant's
+`test()` does), output rounded to uint8, PSNR and SSIM on Y with `crop_border = scale`. Works for the FP
+model (no bounds) and the fake-quantized model alike: both are `SwinIR(config, site=quantized_site)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxquant.checkpoint import Model
+from jaxquant.data import load_benchmark, write_image
+from jaxquant.metrics import psnr_y, ssim_y, to_uint8
+from jaxquant.quant import quantized_site
+from jaxquant.swinir import SwinIR, SwinIRConfig
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(config: SwinIRConfig, variables, x):
+    return SwinIR(config, site=quantized_site).apply(variables, x)[0]
+
+
+def variables(model: Model) -> dict:
+    return {"params": model.params} | ({"bounds": model.bounds} if model.bounds is not None else {})
+
+
+def super_resolve(model: Model, lr: np.ndarray) -> np.ndarray:
+    """One uint8 HxWx3 LR image -> the model's float32 sHxsWx3 output, in [0, 1] up to overshoot."""
+    x = jnp.asarray(lr, jnp.float32)[None] / 255.0
+    return np.asarray(_forward(model.config, variables(model), x)[0])
+
+
+def evaluate_dataset(
+    model: Model, data_root: str | Path, dataset: str, *, save_dir: Path | None = None, show_progress: bool = True
+) -> dict:
+    """Per-image and mean PSNR / SSIM (Y channel) of `model` on one benchmark."""
+    scale = model.config.upscale
+    images = load_benchmark(data_root, dataset, scale)
+    per_image = {}
+    for image in tqdm(images, desc=f"{dataset} x{scale}", unit="img", disable=not show_progress, leave=False):
+        sr = to_uint8(super_resolve(model, image.lr))
+        per_image[image.name] = {"psnr": psnr_y(sr, image.hr, scale), "ssim": ssim_y(sr, image.hr, scale)}
+        if save_dir is not None:
+            write_image(Path(save_dir) / dataset / f"{image.name}.png", sr)
+    return {
+        "psnr": float(np.mean([r["psnr"] for r in per_image.values()])),
+        "ssim": float(np.mean([r["ssim"] for r in per_image.values()])),
+        "images": per_image,
+    }
+
+
+def evaluate(model: Model, data_root: str | Path, datasets: Sequence[str], **kwargs) -> dict[str, dict]:
+    """`{dataset: evaluate_dataset(...)}` for every dataset, in order."""
+    return {name: evaluate_dataset(model, data_root, name, **kwargs) for name in datasets}
+
+
+def results_table(rows: Mapping[str, Mapping[str, dict]], datasets: Sequence[str]) -> str:
+    """A Markdown table: one row per model, 'PSNR / SSIM' per dataset."""
+    header = "| model | " + " | ".join(datasets) + " |"
+    lines = [header, "|" + "---|" * (len(datasets) + 1)]
+    for name, results in rows.items():
+        cells = [f"{results[d]['psnr']:.2f} / {results[d]['ssim']:.4f}" if d in results else "-" for d in datasets]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

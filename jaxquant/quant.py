@@ -1,0 +1,294 @@
+"""The 2DQuant quantizer and its sites, as pure functions over a pytree of bounds.
+
+Paper: Liu et al., "2DQuant: Low-bit Post-Training Quantization for Image Super-Resolution", NeurIPS 2024,
+Eq. 1-2. Official code: github.com/Kai-Liu001/2DQuant, `basicsr/archs/quant_arch.py` (`FakeQuantizerAct`,
+`FakeQuantizerWeight`, `Differentiable_Clip`, `Differentiable_Round`).
+
+    s = (u - l) / (2^N - 1),    x_hat = s * round((clip(x, l, u) - l) / s) + l
+
+One (l, u) pair per site (per-tensor, asymmetric). Gradients: round is straight-through; clip follows the
+official rule (dx = g inside [l, u]; dl = sum of g where x <= l; du = sum of g where x >= u; ties count for
+both); autodiff through s and the affine terms then gives the paper's Eq. 2.
+
+Bounds are data: a nested dict mirroring the model's module tree, one `Bounds(lu, bits)` per quantized site,
+passed to the model as the Flax variable collection "bounds". A site without an entry stays full precision,
+so the FP model is the quantized model with no bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Iterable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxquant.swinir import SwinIR, SwinIRConfig
+
+Array = jax.Array
+
+# The smallest step a clamped bound pair may have: keeps s > 0 (no NaN) if optimisation crosses u below l.
+MIN_RANGE = 1e-8
+
+
+@flax.struct.dataclass
+class Bounds:
+    """Clipping bounds of one site: `lu = [lower, upper]` (shape (2,)); `bits` is static."""
+
+    lu: Array
+    bits: int = flax.struct.field(pytree_node=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The quantizer
+
+
+@jax.custom_jvp
+def round_ste(x: Array) -> Array:
+    """Round half to even, with a straight-through (identity) gradient."""
+    return jnp.round(x)
+
+
+@round_ste.defjvp
+def _round_ste_jvp(primals, tangents):
+    return jnp.round(primals[0]), tangents[0]
+
+
+@jax.custom_vjp
+def clip_official(x: Array, lower: Array, upper: Array) -> Array:
+    """clip(x, l, u) with the gradient rule of the official `Differentiable_Clip`."""
+    return jnp.clip(x, lower, upper)
+
+
+def _clip_fwd(x, lower, upper):
+    return jnp.clip(x, lower, upper), (x, lower, upper)
+
+
+def _clip_bwd(res, g):
+    x, lower, upper = res
+    zero = jnp.zeros_like(g)
+    dx = jnp.where((x >= lower) & (x <= upper), g, zero)
+    dl = jnp.sum(jnp.where(x <= lower, g, zero)).astype(lower.dtype).reshape(lower.shape)
+    du = jnp.sum(jnp.where(x >= upper, g, zero)).astype(upper.dtype).reshape(upper.shape)
+    return dx, dl, du
+
+
+clip_official.defvjp(_clip_fwd, _clip_bwd)
+
+
+def check_bounds(lu, where: str = "bounds") -> None:
+    """Raise a one-line ValueError unless `lu` is a finite pair with lower < upper."""
+    lu = np.asarray(lu)
+    if lu.shape != (2,):
+        raise ValueError(f"{where}: expected [lower, upper], got shape {lu.shape}")
+    if not np.all(np.isfinite(lu)):
+        raise ValueError(f"{where}: non-finite bounds {lu.tolist()}")
+    if not lu[0] < lu[1]:
+        raise ValueError(f"{where}: upper bound {lu[1]} must exceed lower bound {lu[0]}")
+
+
+def step_size(lu: Array, bits: int) -> Array:
+    """s = (u - l) / (2^bits - 1), kept positive when traced bounds cross (checked eagerly otherwise)."""
+    return true_divide(jnp.maximum(lu[1] - lu[0], MIN_RANGE), jnp.asarray(2**bits - 1, lu.dtype))
+
+
+def true_divide(x: Array, s: Array) -> Array:
+    """x / s as a real division. XLA's simplifier turns division by a constant or a broadcast scalar into
+    multiplication by its reciprocal, which rounds differently from PyTorch in about 15% of elements and
+    flips quantization codes; a divisor that depends on x (s + 0 * x, not folded for floats) stays a
+    division."""
+    return x / (s + 0 * x)
+
+
+def fake_quant(x: Array, lu: Array, bits: int) -> Array:
+    """Quantize-dequantize `x` on the uniform `bits`-bit grid spanning `lu = [l, u]` (paper Eq. 1)."""
+    if not isinstance(bits, int) or bits < 1:
+        raise ValueError(f"bits must be a positive Python int, got {bits!r}")
+    if not isinstance(lu, jax.core.Tracer):
+        check_bounds(lu)
+    lower = lu[0].astype(x.dtype)
+    s = step_size(lu, bits).astype(x.dtype)
+    clipped = clip_official(x, lower, lu[1].astype(x.dtype))
+    return s * round_ste(true_divide(clipped - lower, s)) + lower
+
+
+def integer_view(x: Array, lu: Array, bits: int) -> tuple[Array, Array, Array]:
+    """`(codes, scale, offset)` with codes in [0, 2^bits - 1] and `fake_quant(x) == codes * scale + offset`."""
+    check_bounds(lu)
+    lower = jnp.asarray(lu[0], x.dtype)
+    s = step_size(jnp.asarray(lu), bits).astype(x.dtype)
+    codes = jnp.round(true_divide(jnp.clip(x, lower, lu[1]) - lower, s))
+    return codes.astype(jnp.uint8 if bits <= 8 else jnp.int32), s, lower
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sites
+
+
+def site_path(module: nn.Module, name: str) -> str:
+    return "/".join((*module.scope.path, name))
+
+
+def quantized_site(module: nn.Module, name: str, x: Array) -> Array:
+    """The quantized model's `SiteFn`: fake-quantize where the "bounds" collection has an entry."""
+    if not module.has_variable("bounds", name):
+        return x
+    b = module.get_variable("bounds", name)
+    return fake_quant(x, b.lu, b.bits)
+
+
+def _recording_site(module: nn.Module, name: str, x: Array) -> Array:
+    module.sow("sites", name, jax.ShapeDtypeStruct(x.shape, x.dtype), reduce_fn=lambda _, v: v, init_fn=lambda: None)
+    return x
+
+
+def list_sites(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
+    """Every quantization site of SwinIR under `config`: '/'-joined path -> tensor shape (for a 16x16 input)."""
+    size = 2 * config.window_size
+    x = jax.ShapeDtypeStruct((1, size, size, config.in_chans), jnp.float32)
+
+    def run(x):
+        model = SwinIR(config, site=_recording_site)
+        params = model.init(jax.random.PRNGKey(0), x)["params"]
+        return model.apply({"params": params}, x, mutable=["sites"])[1]["sites"]
+
+    sites = jax.eval_shape(run, x)
+    return {"/".join(k): v.shape for k, v in flatten_dict(sites).items()}
+
+
+def is_weight_site(path: str) -> bool:
+    return path.endswith("/weight")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRules:
+    """Which sites are quantized, at which bits: `(regex, bits or None)` pairs, first full match wins.
+
+    Every site must match a rule (None keeps it in full precision), so a new site can never be skipped
+    silently. `QuantRules.uniform(4)` is 2DQuant's W4A4 on all 384 sites.
+    """
+
+    rules: tuple[tuple[str, int | None], ...]
+
+    @classmethod
+    def uniform(cls, bits: int) -> "QuantRules":
+        return cls(rules=((r".*", bits),))
+
+    def bits_for(self, path: str) -> int | None:
+        for pattern, bits in self.rules:
+            if re.fullmatch(pattern, path):
+                return bits
+        raise ValueError(f"no quantization rule covers site {path!r}")
+
+
+def init_bounds(config: SwinIRConfig, rules: QuantRules, fill=(-1.0, 1.0)) -> dict:
+    """A bounds pytree with one `Bounds` per quantized site (values `fill`, to be calibrated)."""
+    flat = {}
+    for path in list_sites(config):
+        bits = rules.bits_for(path)
+        if bits is not None:
+            flat[tuple(path.split("/"))] = Bounds(jnp.asarray(fill, jnp.float32), bits)
+    return unflatten_dict(flat)
+
+
+def flat_bounds(bounds: Mapping) -> dict[str, Bounds]:
+    """'/'-joined site path -> Bounds."""
+    return {"/".join(k): v for k, v in flatten_dict(bounds, is_leaf=lambda _, v: isinstance(v, Bounds)).items()}
+
+
+def nest_bounds(flat: Mapping[str, Bounds]) -> dict:
+    return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def validate_bounds(bounds: Mapping) -> None:
+    """Eager check of every site's bounds; the error names the site."""
+    for path, b in flat_bounds(bounds).items():
+        check_bounds(b.lu, where=path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official quantizer names (for exchanging bounds with the PyTorch code)
+
+_OFFICIAL_LEAF = {
+    "act": "act_quantizer", "weight": "weight_quantizer",
+    "q_scaled": "mymodule_q", "k": "mymodule_k", "probs": "mymodule_a", "v": "mymodule_v",
+}
+_LOCAL_LEAF = {v: k for k, v in _OFFICIAL_LEAF.items()}
+
+
+def official_name(path: str) -> str:
+    """'layers_0/residual_group/blocks_1/attn/qkv/q/act' -> 'layers.0.residual_group.blocks.1.attn.qkv.q.act_quantizer'."""
+    *parents, leaf = path.split("/")
+    parents = [re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", p) for p in parents]
+    return ".".join([*parents, _OFFICIAL_LEAF[leaf]])
+
+
+def local_path(official: str) -> str:
+    """The inverse of `official_name`."""
+    head, leaf = official.rsplit(".", 1)
+    if leaf not in _LOCAL_LEAF:
+        raise ValueError(f"not an official quantizer name: {official!r}")
+    head = re.sub(r"(layers|blocks)\.(\d+)", r"\1_\2", head)
+    return "/".join([*head.split("."), _LOCAL_LEAF[leaf]])
+
+
+def bounds_to_official(bounds: Mapping) -> dict[str, list[float]]:
+    return {official_name(p): [float(v) for v in np.asarray(b.lu)] for p, b in flat_bounds(bounds).items()}
+
+
+def bounds_from_official(named: Mapping[str, Iterable[float]], config: SwinIRConfig, bits: int) -> dict:
+    """Bounds from `{official quantizer name: [l, u]}`; every name must be a site of `config`."""
+    sites = list_sites(config)
+    flat = {}
+    for name, lu in named.items():
+        path = local_path(name)
+        if path not in sites:
+            raise ValueError(f"{name!r} is not a quantization site of this model")
+        check_bounds(lu, where=name)
+        flat[path] = Bounds(jnp.asarray(lu, jnp.float32), bits)
+    return nest_bounds(flat)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The public entry point
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedSwinIR:
+    """SwinIR with fake-quantized sites, run from plain pytrees: `y = QuantizedSwinIR(cfg, params, bounds)(x)`."""
+
+    config: SwinIRConfig
+    params: Mapping
+    bounds: Mapping
+
+    @property
+    def module(self) -> SwinIR:
+        return SwinIR(self.config, site=quantized_site)
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "bounds": self.bounds}
+
+    def __call__(self, x: Array) -> Array:
+        """(B, H, W, C) in [0, 1] -> (B, sH, sW, C)."""
+        return _apply_quantized(self.config, self.variables, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_quantized(config: SwinIRConfig, variables, x):
+    return SwinIR(config, site=quantized_site).apply(variables, x)[0]
+
+
+def quantize(params: Mapping, bounds: Mapping, config: SwinIRConfig) -> QuantizedSwinIR:
+    """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site."""
+    validate_bounds(bounds)
+    unknown = set(flat_bounds(bounds)) - set(list_sites(config))
+    if unknown:
+        raise ValueError(f"bounds for unknown sites: {sorted(unknown)[:3]}")
+    return QuantizedSwinIR(config, params, bounds)

@@ -1,0 +1,87 @@
+"""Run-state helpers shared by training and DQC: orbax checkpoints for exact resume, a progress bar, results.
+
+Exact resume: a run's state is one pytree (params, optimizer state, step, base PRNG key) saved every N
+steps; each step draws its randomness from `jax.random.fold_in(key, step)`, so a resumed run replays the
+same batches and ends bit-for-bit equal to an uninterrupted one (on the same backend).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+
+def _is_typed_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+    """New-style PRNG keys -> their uint32 key data (orbax stores plain arrays only)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+class RunCheckpointer:
+    """Saves a train-state pytree under `<run_dir>/checkpoints/<step>` every `every` steps, keeping `keep`."""
+
+    def __init__(self, run_dir: str | Path, every: int, keep: int = 2):
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1, got {every}")
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(Path(run_dir).resolve() / "checkpoints", options=options)
+
+    def save(self, step: int, state: Any, force: bool = False) -> bool:
+        """Save `state` as `step` if `step` is on the interval (or `force`); True if it saved."""
+        return self._manager.save(step, args=ocp.args.StandardSave(_keys_to_data(state)), force=force)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore_latest(self, target: Any) -> Any | None:
+        """The latest saved state, with the structure, dtypes and key types of `target`; None if none saved."""
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(target))
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return jax.tree.map(
+            lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r,
+            target,
+            restored,
+        )
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> "RunCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Progress(tqdm):
+    """A tqdm bar (with ETA) whose postfix keeps the latest value of each named metric."""
+
+    def log(self, **metrics: float) -> None:
+        self._metrics = {**getattr(self, "_metrics", {}), **{k: f"{v:.4g}" for k, v in metrics.items()}}
+        self.set_postfix(self._metrics, refresh=False)
+
+
+def progress(total: int, initial: int = 0, desc: str | None = None) -> Progress:
+    """A progress bar over steps `initial..total`; `bar.log(loss=..., psnr=...)` updates its postfix."""
+    return Progress(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def write_results(run_dir: str | Path, results: dict, table: str) -> None:
+    """Write `results.json` (the dict) and `results.md` (the markdown table) into `run_dir`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / "results.md").write_text(table.rstrip("\n") + "\n")

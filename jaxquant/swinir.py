@@ -1,0 +1,349 @@
+"""SwinIR (Liang et al., ICCV-W 2021) in Flax linen, with quantization injection points.
+
+Ports `basicsr/archs/swinir_arch.py` of the official 2DQuant code (github.com/Kai-Liu001/2DQuant), which is
+SwinIR with the qkv linear split into q, k, v (its `qkv_separation`) and identity taps on the two inputs of
+each attention matmul. Layout is NHWC throughout; parameter names mirror the PyTorch module names
+(`layers_0/residual_group/blocks_0/attn/qkv/q/kernel` <-> `layers.0.residual_group.blocks.0.attn.qkv.weight`
+rows 0:60), so conversion is a key table, not a search.
+
+The model knows nothing about quantization. Every quantization site calls `site(module, name, x)`, a
+`SiteFn` injected from outside: the identity for the FP model, fake quantization for the quantized model,
+a bound search for calibration (see `jaxquant.quant`). The FP model and the quantized model are the same
+module with the same params.
+
+`__call__` returns `(output, stage_features)`: the four stage outputs (after each stage's Swin blocks, before
+its 3x3 conv and residual add), shaped (B, H*W, C), which DQC uses for its feature loss. jit drops them when
+they are unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+
+
+class SiteFn(Protocol):
+    """A quantization injection point: `(module, site_name, tensor) -> tensor`."""
+
+    def __call__(self, module: nn.Module, name: str, x: Array) -> Array: ...
+
+
+def full_precision(module: nn.Module, name: str, x: Array) -> Array:
+    """The FP site: every tensor passes through untouched."""
+    del module, name
+    return x
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SwinIRConfig:
+    """Architecture hyper-parameters; field names follow the official SwinIR constructor."""
+
+    upscale: int
+    in_chans: int = 3
+    embed_dim: int = 60
+    depths: tuple[int, ...] = (6, 6, 6, 6)
+    num_heads: tuple[int, ...] = (6, 6, 6, 6)
+    window_size: int = 8
+    mlp_ratio: float = 2.0
+    img_range: float = 1.0
+    upsampler: str = "pixelshuffledirect"  # or "pixelshuffle" (classical SR)
+    num_feat: int = 64  # conv width before the "pixelshuffle" upsampler
+
+    def __post_init__(self):
+        if self.upsampler not in ("pixelshuffledirect", "pixelshuffle"):
+            raise ValueError(f"unsupported upsampler {self.upsampler!r}")
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError("depths and num_heads must have the same length")
+        if self.embed_dim % max(self.num_heads):
+            raise ValueError("embed_dim must be divisible by every num_heads entry")
+        if self.upsampler == "pixelshuffle" and not _is_power_of_two_or_three(self.upscale):
+            raise ValueError(f"pixelshuffle upsampler needs scale 2^n or 3, got {self.upscale}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SwinIRConfig":
+        d = dict(d)
+        for key in ("depths", "num_heads"):
+            d[key] = tuple(int(v) for v in d[key])
+        return cls(**d)
+
+
+def _is_power_of_two_or_three(s: int) -> bool:
+    return s == 3 or (s >= 1 and s & (s - 1) == 0)
+
+
+def swinir_light(scale: int) -> SwinIRConfig:
+    """SwinIR-light ("SwinIR-S"), the model 2DQuant quantizes (spec section 1)."""
+    return SwinIRConfig(upscale=scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Window helpers (static shapes: computed with numpy at trace time)
+
+
+def window_partition(x: Array, ws: int) -> Array:
+    """(B, H, W, C) -> (B * H/ws * W/ws, ws*ws, C), windows in row-major order as in PyTorch."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // ws, ws, w // ws, ws, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: Array, ws: int, h: int, w: int) -> Array:
+    """Inverse of `window_partition`: (B*nW, ws*ws, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.reshape(-1, h // ws, w // ws, ws, ws, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(ws: int) -> np.ndarray:
+    """(ws*ws, ws*ws) index into the (2ws-1)^2 bias table, as SwinIR's `relative_position_index` buffer."""
+    coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+@functools.lru_cache(maxsize=None)
+def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
+    """(nW, ws*ws, ws*ws) additive mask, -100 between tokens from different regions (`calculate_mask`)."""
+    region = np.zeros((1, h, w, 1), np.float32)
+    bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for i, (hs, wsl) in enumerate((a, b) for a in bands for b in bands):
+        region[:, hs, wsl, :] = i
+    ids = np.asarray(window_partition(region, ws))[..., 0]  # (nW, ws*ws)
+    return np.where(ids[:, None, :] != ids[:, :, None], -100.0, 0.0).astype(np.float32)
+
+
+def flip_pad(x: Array, multiple: int) -> Array:
+    """Pad H and W up to a multiple by appending the flipped image (2DQuant's test-time padding)."""
+    _, h, w, _ = x.shape
+    ph, pw = -h % multiple, -w % multiple
+    x = jnp.concatenate([x, jnp.flip(x, 1)], 1)[:, : h + ph]
+    return jnp.concatenate([x, jnp.flip(x, 2)], 2)[:, :, : w + pw]
+
+
+def pixel_shuffle(x: Array, r: int) -> Array:
+    """NHWC PixelShuffle with PyTorch's channel order: channel c*r*r + i*r + j -> pixel (i, j) of c."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, c // (r * r), r, r)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=1e-5, use_fast_variance=False)
+Conv3x3 = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1)
+
+
+class QuantDense(nn.Module):
+    """A Linear layer with an input-activation site ("act") and a weight site ("weight")."""
+
+    features: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.truncated_normal(0.02), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x = self.site(self, "act", x)
+        kernel = self.site(self, "weight", kernel)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+class QKV(nn.Module):
+    """The qkv linear split into q, k, v, each with its own sites (official `qkv_separation: True`)."""
+
+    dim: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array, Array]:
+        dense = functools.partial(QuantDense, self.dim, self.site, self.dtype)
+        return dense(name="q")(x), dense(name="k")(x), dense(name="v")(x)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with relative position bias and an optional shift mask."""
+
+    dim: int
+    num_heads: int
+    window_size: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: np.ndarray | None) -> Array:
+        ws, heads = self.window_size, self.num_heads
+        bn, n, c = x.shape  # (B*nW, ws*ws, C)
+        table = self.param(
+            "relative_position_bias_table", nn.initializers.truncated_normal(0.02), ((2 * ws - 1) ** 2, heads)
+        )
+
+        def split_heads(t):  # (B*nW, n, C) -> (B*nW, heads, n, C/heads)
+            return t.reshape(bn, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+        q, k, v = (split_heads(t) for t in QKV(self.dim, self.site, self.dtype, name="qkv")(x))
+        q = self.site(self, "q_scaled", q * (c // heads) ** -0.5)
+        k = self.site(self, "k", k)
+        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)  # (B*nW, heads, n, n)
+        bias = table[relative_position_index(ws).reshape(-1)].reshape(n, n, heads).transpose(2, 0, 1)
+        attn = attn + bias.astype(attn.dtype)[None]
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.reshape(bn // nw, nw, heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None, :, :]
+            attn = attn.reshape(bn, heads, n, n)
+        attn = jax.nn.softmax(attn, axis=-1)
+        v = self.site(self, "v", v)
+        attn = self.site(self, "probs", attn)
+        x = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(bn, n, c)
+        return QuantDense(self.dim, self.site, self.dtype, name="proj")(x)
+
+
+class Mlp(nn.Module):
+    dim: int
+    hidden: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = QuantDense(self.hidden, self.site, self.dtype, name="fc1")(x)
+        x = jax.nn.gelu(x, approximate=False)
+        return QuantDense(self.dim, self.site, self.dtype, name="fc2")(x)
+
+
+class SwinBlock(nn.Module):
+    """Swin Transformer block: (shifted) window attention and MLP, each pre-normed with a residual."""
+
+    dim: int
+    num_heads: int
+    window_size: int
+    shift: int
+    mlp_hidden: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, hw: tuple[int, int]) -> Array:
+        (h, w), ws, shift = hw, self.window_size, self.shift
+        b, _, c = x.shape  # (B, H*W, C)
+        y = LayerNorm(name="norm1", dtype=self.dtype)(x).reshape(b, h, w, c)
+        if shift:
+            y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
+        mask = shifted_window_mask(h, w, ws, shift) if shift else None
+        attn = WindowAttention(self.dim, self.num_heads, ws, self.site, self.dtype, name="attn")
+        y = window_reverse(attn(window_partition(y, ws), mask), ws, h, w)
+        if shift:
+            y = jnp.roll(y, (shift, shift), axis=(1, 2))
+        x = x + y.reshape(b, h * w, c)
+        mlp = Mlp(self.dim, self.mlp_hidden, self.site, self.dtype, name="mlp")
+        return x + mlp(LayerNorm(name="norm2", dtype=self.dtype)(x))
+
+
+class BasicLayer(nn.Module):
+    """One stage's stack of Swin blocks, shifting every other block by half a window."""
+
+    config: SwinIRConfig
+    depth: int
+    num_heads: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, hw: tuple[int, int]) -> Array:
+        cfg, ws = self.config, self.config.window_size
+        # Inputs are flip-padded to a multiple of the window, so the window never shrinks: the official
+        # model, built for 64x64 patches, keeps window 8 and shift 4 at every test size too.
+        for j in range(self.depth):
+            x = SwinBlock(
+                cfg.embed_dim, self.num_heads, ws, ws // 2 if j % 2 else 0, cfg.mlp_hidden, self.site,
+                self.dtype, name=f"blocks_{j}",
+            )(x, hw)
+        return x
+
+
+class RSTB(nn.Module):
+    """Residual Swin Transformer Block: a stage of Swin blocks, a 3x3 conv, and a residual add."""
+
+    config: SwinIRConfig
+    depth: int
+    num_heads: int
+    site: SiteFn
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, hw: tuple[int, int]) -> tuple[Array, Array]:
+        b, _, c = x.shape
+        feature = BasicLayer(
+            self.config, self.depth, self.num_heads, self.site, self.dtype, name="residual_group"
+        )(x, hw)
+        y = Conv3x3(c, name="conv", dtype=self.dtype)(feature.reshape(b, *hw, c))
+        return y.reshape(b, -1, c) + x, feature
+
+
+class SwinIR(nn.Module):
+    """SwinIR for super-resolution. Input (B, H, W, C) in [0, 1], any H and W; output (B, sH, sW, C).
+
+    Returns `(output, stage_features)` with the four stage features shaped (B, H'*W', embed_dim), where
+    H', W' are H, W flip-padded up to a multiple of the window.
+    """
+
+    config: SwinIRConfig
+    site: SiteFn = full_precision
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, tuple[Array, ...]]:
+        cfg, s = self.config, self.config.upscale
+        _, h, w, _ = x.shape
+        x = flip_pad(x, cfg.window_size)
+        b, hp, wp, _ = x.shape
+        mean = jnp.asarray(RGB_MEAN if cfg.in_chans == 3 else (0.0,) * cfg.in_chans, x.dtype).reshape(1, 1, 1, -1)
+        x = (x - mean) * cfg.img_range
+
+        x = Conv3x3(cfg.embed_dim, name="conv_first", dtype=self.dtype)(x)
+        tokens = LayerNorm(name="patch_embed_norm", dtype=self.dtype)(x.reshape(b, hp * wp, -1))
+        features = []
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+            tokens, feature = RSTB(cfg, depth, heads, self.site, self.dtype, name=f"layers_{i}")(tokens, (hp, wp))
+            features.append(feature)
+        tokens = LayerNorm(name="norm", dtype=self.dtype)(tokens)
+        body = Conv3x3(cfg.embed_dim, name="conv_after_body", dtype=self.dtype)(tokens.reshape(b, hp, wp, -1))
+        x = body + x
+
+        if cfg.upsampler == "pixelshuffledirect":
+            x = pixel_shuffle(Conv3x3(cfg.in_chans * s * s, name="upsample_0", dtype=self.dtype)(x), s)
+        else:
+            x = nn.leaky_relu(Conv3x3(cfg.num_feat, name="conv_before_upsample_0", dtype=self.dtype)(x), 0.01)
+            for i, r in enumerate(_upsample_steps(s)):
+                x = pixel_shuffle(Conv3x3(cfg.num_feat * r * r, name=f"upsample_{2 * i}", dtype=self.dtype)(x), r)
+            x = Conv3x3(cfg.in_chans, name="conv_last", dtype=self.dtype)(x)
+
+        x = x.astype(jnp.float32) / cfg.img_range + mean
+        return x[:, : h * s, : w * s], tuple(features)
+
+
+def _upsample_steps(scale: int) -> tuple[int, ...]:
+    """PixelShuffle factors of SwinIR's `Upsample`: log2(scale) steps of 2, or one step of 3."""
+    return (3,) if scale == 3 else (2,) * int(math.log2(scale))

@@ -1,0 +1,32 @@
+"""Convert an official SwinIR `.pth` into a jaxquant model checkpoint.
+
+    python scripts/convert.py ../shared/data/weights/swinir_light_x2_t291.pth -o checkpoints/x2
+"""
+
+import argparse
+from pathlib import Path
+
+import jax
+
+from jaxquant.checkpoint import load_model, save_model
+from jaxquant.cli import main_guard
+from weights_convert.swinir import describe
+
+
+@main_guard
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pth", type=Path, help="PyTorch SwinIR weights (.pth)")
+    parser.add_argument("-o", "--out", type=Path, help="checkpoint directory (default: checkpoints/<file stem>)")
+    parser.add_argument("--param-key", help="entry holding the state dict (default: params, then params_ema)")
+    args = parser.parse_args()
+    if not args.pth.is_file():
+        parser.error(f"no such file: {args.pth}")
+    model = load_model(args.pth, args.param_key)
+    out = save_model(args.out or Path("checkpoints") / args.pth.stem, model)
+    count = sum(x.size for x in jax.tree.leaves(model.params))
+    print(f"{describe(model.config)}, {count:,} parameters -> {out}")
+
+
+if __name__ == "__main__":
+    main()

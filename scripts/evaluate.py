@@ -1,0 +1,40 @@
+"""Evaluate a model (checkpoint, `.pth`, or quantize run directory) on benchmark datasets.
+
+    python scripts/evaluate.py --model ../shared/data/weights/swinir_light_x2_t291.pth --datasets Set5,Set14
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxquant.checkpoint import load_model
+from jaxquant.cli import main_guard
+from jaxquant.data import resolve_data_root
+from jaxquant.evaluate import evaluate, results_table
+from weights_convert.swinir import describe
+
+
+@main_guard
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model checkpoint, .pth file, or quantize run directory")
+    parser.add_argument("--datasets", default="Set5", help="comma-separated benchmark names (default: Set5)")
+    parser.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")
+    parser.add_argument("--out", type=Path, help="write per-image and mean results here (JSON)")
+    parser.add_argument("--save-images", type=Path, metavar="DIR", help="write the SR images here")
+    args = parser.parse_args()
+    datasets = [d for d in args.datasets.split(",") if d]
+    root = resolve_data_root(args.data_root)
+    model = load_model(args.model)
+    kind = "FP" if model.bounds is None else "quantized"
+    print(f"{describe(model.config)}, {kind}")
+    results = evaluate(model, root, datasets, save_dir=args.save_images)
+    print(results_table({kind: results}, datasets))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": str(args.model), "kind": kind, "results": results}, indent=2))
+        print(f"results -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared fixtures: strict numerics (as equinox/penzai test), the data root, golden arrays, converted models."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxquant.checkpoint import load_model
+from jaxquant.data import default_data_root
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+DATA_ROOT = default_data_root()
+GOLDEN_DIR = DATA_ROOT.parent / "golden"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"missing {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return require(DATA_ROOT)
+
+
+@pytest.fixture(scope="session", params=[2, 4], ids=["x2", "x4"])
+def scale(request) -> int:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def t291_model():
+    """Converted t291 SwinIR-light models by scale (converted once per session)."""
+    cache = {}
+
+    def get(scale: int):
+        if scale not in cache:
+            cache[scale] = load_model(require(DATA_ROOT / "weights" / f"swinir_light_x{scale}_t291.pth"))
+        return cache[scale]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """Golden arrays (NCHW as produced by PyTorch) and quantizer names of the official code, by scale."""
+
+    def get(scale: int):
+        arrays = np.load(require(GOLDEN_DIR / f"official_x{scale}.npz"))
+        meta = json.loads((GOLDEN_DIR / f"official_x{scale}.json").read_text())
+        return arrays, meta
+
+    return get
+
+
+def nhwc(a: np.ndarray) -> jax.Array:
+    return jax.numpy.asarray(a.transpose(0, 2, 3, 1))
+
+
+def nchw(a) -> np.ndarray:
+    return np.asarray(a).transpose(0, 3, 1, 2)

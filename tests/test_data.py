@@ -1,0 +1,309 @@
+"""Tests for jaxquant.data: image I/O, MATLAB-bicubic imresize, benchmarks, patch sampling."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxquant.data import (
+    BenchmarkImage,
+    default_data_root,
+    imresize,
+    list_images,
+    load_benchmark,
+    modcrop,
+    read_image,
+    resolve_data_root,
+    sample_patches,
+    write_image,
+)
+
+DATA_ROOT = default_data_root()
+needs_data = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"no data root at {DATA_ROOT}")
+
+
+def _lr_folders() -> list[Path]:
+    return sorted(DATA_ROOT.glob("benchmark/*/LR_bicubic/X*")) if DATA_ROOT.is_dir() else []
+
+
+# --------------------------------------------------------------------------- imresize vs LR files
+
+
+@needs_data
+def test_benchmark_has_lr_files_to_check():
+    assert _lr_folders(), f"no benchmark/*/LR_bicubic/X* folders under {DATA_ROOT}"
+
+
+def _lr_folder_id(folder: Path) -> str:
+    return f"{folder.parent.parent.name}-{folder.name}-{len(list(folder.glob('*.png')))}files"
+
+
+@needs_data
+@pytest.mark.parametrize("lr_folder", _lr_folders(), ids=_lr_folder_id)
+def test_imresize_reproduces_benchmark_lr_files_exactly(lr_folder):
+    scale = int(lr_folder.name[1:])
+    hr_folder = lr_folder.parent.parent / "HR"
+    lr_files = sorted(lr_folder.glob("*.png"))
+    assert lr_files
+    for lr_path in lr_files:
+        hr = modcrop(read_image(hr_folder / f"{lr_path.stem.removesuffix(f'x{scale}')}.png"), scale)
+        expected = read_image(lr_path)
+        generated = imresize(hr, 1 / scale)
+        assert generated.dtype == np.uint8
+        assert generated.shape == expected.shape, lr_path
+        assert np.count_nonzero(generated != expected) == 0, lr_path
+
+
+# --------------------------------------------------------------------------- imresize values
+
+
+@pytest.mark.parametrize("scale", [1 / 2, 1 / 3, 1 / 4, 2, 3])
+def test_imresize_keeps_constant_images_constant(scale):
+    uint8_img = np.full((24, 18, 3), 173, dtype=np.uint8)
+    assert np.all(imresize(uint8_img, scale) == 173)
+    float_img = np.full((24, 18), 0.3)
+    np.testing.assert_allclose(imresize(float_img, scale), 0.3, atol=1e-12)
+
+
+def test_imresize_float_half_of_linear_ramp_is_linear_inside():
+    # Symmetric antialiased taps around the output centre 2k + 0.5 (0-based input coordinates)
+    # reproduce a linear function exactly where no tap is mirrored: k in [2, 17] for 40 pixels.
+    rows, cols = np.mgrid[0:40, 0:40].astype(np.float64)
+    out = imresize(3 * rows + cols, 1 / 2)
+    assert out.shape == (20, 20) and out.dtype == np.float64
+    k = np.arange(2, 18)
+    expected = 3 * (2 * k[:, None] + 0.5) + (2 * k[None, :] + 0.5)
+    np.testing.assert_allclose(out[2:18, 2:18], expected, atol=1e-10)
+
+
+def test_imresize_float_half_of_impulse_gives_antialiased_cubic_weights():
+    # Output k is centred at 2k + 0.5; weights are 0.5 * cubic(0.5 * distance), with
+    # cubic(0.25) = 0.8671875, cubic(0.75) = 0.2265625, cubic(1.25) = -0.0703125,
+    # cubic(1.75) = -0.0234375 (Keys a = -0.5), and they already sum to 1.
+    img = np.zeros((8, 40), dtype=np.float32)
+    img[:, 20] = 1.0
+    out = imresize(img, 1 / 2)
+    assert out.dtype == np.float32
+    expected_row = np.zeros(20)
+    expected_row[8:12] = [-0.01171875, 0.11328125, 0.43359375, -0.03515625]
+    np.testing.assert_allclose(out, np.tile(expected_row, (4, 1)), atol=1e-6)
+
+
+def test_imresize_float_upscale_of_linear_ramp_is_linear_inside():
+    ramp = np.tile(np.arange(20, dtype=np.float64), (6, 1))
+    out = imresize(ramp, 2)
+    assert out.shape == (12, 40)
+    k = np.arange(5, 35)  # all four taps inside the image
+    np.testing.assert_allclose(out[:, 5:35], np.tile(k / 2 - 0.25, (12, 1)), atol=1e-10)
+
+
+def test_imresize_output_shapes():
+    img = np.zeros((7, 5, 3), dtype=np.uint8)
+    assert imresize(img, 3).shape == (21, 15, 3)
+    assert imresize(np.zeros((10, 8, 3), dtype=np.uint8), 1 / 3).shape == (4, 3, 3)  # ceil
+    assert imresize(np.zeros((12, 9)), (1 / 3, 2)).shape == (4, 18)
+
+
+def test_imresize_resizes_the_smaller_scale_dimension_first():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    columns_then_rows = imresize(imresize(img, (1, 1 / 4)), (1 / 2, 1))  # scale 1 is identity
+    np.testing.assert_array_equal(imresize(img, (1 / 2, 1 / 4)), columns_then_rows)
+
+
+def test_imresize_rejects_bad_inputs():
+    with pytest.raises(TypeError):
+        imresize(np.zeros((4, 4), dtype=np.int32), 2)
+    with pytest.raises(ValueError):
+        imresize(np.zeros((4, 4)), 0)
+
+
+def test_modcrop():
+    img = np.arange(13 * 10 * 3).reshape(13, 10, 3)
+    np.testing.assert_array_equal(modcrop(img, 4), img[:12, :8])
+    assert modcrop(img[:, :, 0], 3).shape == (12, 9)
+
+
+# --------------------------------------------------------------------------- image I/O
+
+
+def test_read_image_gray_l(tmp_path):
+    gray = np.array([[0, 100], [200, 255]], dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    assert Image.open(tmp_path / "gray.png").mode == "L"
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.png"), np.stack([gray] * 3, axis=2))
+
+
+def test_read_image_rgba_drops_alpha(tmp_path):
+    rgba = np.array([[[10, 20, 30, 0], [40, 50, 60, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert Image.open(tmp_path / "rgba.png").mode == "RGBA"
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.png"), rgba[:, :, :3])
+
+
+def test_read_image_palette(tmp_path):
+    image = Image.new("P", (3, 1))
+    image.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    image.putdata([2, 0, 1])
+    image.save(tmp_path / "palette.png")
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    expected = np.array([[[0, 0, 255], [255, 0, 0], [0, 255, 0]]], dtype=np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "palette.png"), expected)
+
+
+def test_read_image_16_bit_scales_to_8_bit(tmp_path):
+    values = np.array([[0, 257, 300], [32896, 65279, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")  # 16-bit gray PNG
+    expected = np.array([[0, 1, 1], [128, 254, 255]], dtype=np.uint8)  # round(v / 257)
+    out = read_image(tmp_path / "deep.png")
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.stack([expected] * 3, axis=2))
+
+
+def test_read_image_bad_files_raise_value_error_with_path(tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"this is not an image")
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        truncated
+    )
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    missing = tmp_path / "missing.png"
+    for path in (corrupt, truncated, missing):
+        with pytest.raises(ValueError, match="cannot read image") as error:
+            read_image(path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_write_image_round_trips_uint8_and_float(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    write_image(tmp_path / "nested" / "dir" / "rgb.png", rgb)
+    np.testing.assert_array_equal(read_image(tmp_path / "nested" / "dir" / "rgb.png"), rgb)
+    floats = np.array([[[-0.5, 0.0, 0.25], [0.5, 1.0, 3.0]]])
+    write_image(tmp_path / "float.png", floats)
+    expected = np.array([[[0, 0, 64], [128, 255, 255]]], dtype=np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "float.png"), expected)
+
+
+def test_list_images_sorted_and_filtered(tmp_path):
+    for name in ["b.png", "a.JPG", "c.bmp", "notes.txt", "d.tif"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "c.bmp", "d.tif"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "absent")
+
+
+def test_data_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXQUANT_DATA", str(tmp_path))
+    assert default_data_root() == tmp_path
+    assert resolve_data_root(None) == tmp_path
+    flag_dir = tmp_path / "flag"
+    flag_dir.mkdir()
+    assert resolve_data_root(str(flag_dir)) == flag_dir
+    with pytest.raises(FileNotFoundError, match="absent"):
+        resolve_data_root(str(tmp_path / "absent"))
+    monkeypatch.delenv("JAXQUANT_DATA")
+    assert default_data_root() == Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+@needs_data
+def test_load_benchmark_b100_generates_lr():
+    pairs = load_benchmark(DATA_ROOT, "B100", 2)
+    assert len(pairs) == 100
+    for pair in pairs:
+        assert isinstance(pair, BenchmarkImage)
+        assert pair.hr.dtype == pair.lr.dtype == np.uint8
+        assert pair.lr.shape == (pair.hr.shape[0] // 2, pair.hr.shape[1] // 2, 3)
+    np.testing.assert_array_equal(pairs[0].lr, imresize(pairs[0].hr, 1 / 2))
+
+
+@needs_data
+def test_load_benchmark_reads_existing_lr_and_modcrops_hr():
+    pairs = load_benchmark(DATA_ROOT, "Set5", 3)
+    assert [p.name for p in pairs] == ["baby", "bird", "butterfly", "head", "woman"]
+    baby_hr = read_image(DATA_ROOT / "benchmark/Set5/HR/baby.png")
+    np.testing.assert_array_equal(pairs[0].hr, modcrop(baby_hr, 3))
+    np.testing.assert_array_equal(
+        pairs[0].lr, read_image(DATA_ROOT / "benchmark/Set5/LR_bicubic/X3/babyx3.png")
+    )
+
+
+@needs_data
+def test_load_benchmark_missing_dataset_names_path():
+    with pytest.raises(FileNotFoundError) as error:
+        load_benchmark(DATA_ROOT, "Urban100", 4)
+    message = str(error.value)
+    assert str(DATA_ROOT / "benchmark" / "Urban100") in message
+    assert "Set5" in message
+
+
+def test_load_benchmark_synthetic_layout(tmp_path):
+    hr = np.random.default_rng(2).integers(0, 256, (13, 10, 3), dtype=np.uint8)
+    write_image(tmp_path / "benchmark/Toy/HR/img.png", hr)
+    (pair,) = load_benchmark(tmp_path, "Toy", 2)
+    np.testing.assert_array_equal(pair.hr, hr[:12])
+    np.testing.assert_array_equal(pair.lr, imresize(hr[:12], 1 / 2))
+
+    write_image(tmp_path / "benchmark/Toy/LR_bicubic/X2/imgx2.png", np.zeros((5, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="expected \\(6, 5, 3\\)"):
+        load_benchmark(tmp_path, "Toy", 2)
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def _dihedral_variants(patch):
+    for candidate in (patch, patch.transpose(1, 0, 2)):
+        for flipped in (candidate, candidate[::-1], candidate[:, ::-1], candidate[::-1, ::-1]):
+            yield flipped
+
+
+def _is_crop_of(patch, images, allow_augment):
+    size = patch.shape[0]
+    variants = list(_dihedral_variants(patch)) if allow_augment else [patch]
+    for img in images:
+        windows = np.lib.stride_tricks.sliding_window_view(img, (size, size), axis=(0, 1))
+        windows = windows.transpose(0, 1, 3, 4, 2)  # (top, left, size, size, 3)
+        if any(np.any(np.all(windows == v, axis=(2, 3, 4))) for v in variants):
+            return True
+    return False
+
+
+def _patch_images():
+    rng = np.random.default_rng(3)
+    large = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(20, 24, 3), (18, 16, 3)]]
+    too_small = np.full((6, 30, 3), 7, dtype=np.uint8)
+    return large, [large[0], too_small, large[1]]
+
+
+def test_sample_patches_are_augmented_crops_of_large_images():
+    large, images = _patch_images()
+    patches = sample_patches(images, 40, 8, np.random.default_rng(0))
+    assert patches.shape == (40, 8, 8, 3) and patches.dtype == np.float32
+    assert patches.min() >= 0.0 and patches.max() <= 1.0
+    as_uint8 = np.round(patches * 255).astype(np.uint8)
+    np.testing.assert_allclose(as_uint8 / 255.0, patches, atol=1e-7)
+    assert all(_is_crop_of(p, large, allow_augment=True) for p in as_uint8)
+    plain = np.round(sample_patches(images, 20, 8, np.random.default_rng(0), augment=False) * 255)
+    assert all(_is_crop_of(p.astype(np.uint8), large, allow_augment=False) for p in plain)
+
+
+def test_sample_patches_reproducible_per_seed():
+    _, images = _patch_images()
+    first = sample_patches(images, 16, 8, np.random.default_rng(42))
+    again = sample_patches(images, 16, 8, np.random.default_rng(42))
+    other = sample_patches(images, 16, 8, np.random.default_rng(43))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_sample_patches_needs_a_large_enough_image():
+    with pytest.raises(ValueError, match="at least 32x32"):
+        sample_patches([np.zeros((16, 40, 3), np.uint8)], 4, 32, np.random.default_rng(0))

@@ -1,0 +1,249 @@
+"""PyTorch SwinIR state dict <-> jaxquant Flax params, by an explicit key table.
+
+Handles the official SwinIR / 2DQuant layout (`swinir_arch.py`): `{"params": sd}`, `{"params_ema": sd}` or a
+bare state dict, with or without a `module.` prefix (DataParallel) and with or without the derived buffers
+`relative_position_index` and `attn_mask` (checked against their recomputed values, then dropped).
+Refuses everything else by name: missing keys, leftover keys, wrong shapes, and state dicts that are not SwinIR.
+
+Transposes by rule: Linear weight (out, in) -> kernel (in, out); Conv2d weight (out, in, kh, kw) -> kernel
+(kh, kw, in, out); the qkv Linear is split row-wise into the q, k, v linears (rows 0:C, C:2C, 2C:3C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxquant.swinir import SwinIR, SwinIRConfig, relative_position_index, shifted_window_mask
+
+
+class ConversionError(ValueError):
+    """A state dict that cannot be converted; the message is one line naming the offending keys."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One PyTorch tensor and the Flax leaves it becomes (three for the split qkv linear)."""
+
+    torch_key: str
+    flax_paths: tuple[str, ...]
+    kind: str  # "linear" | "conv" | "vector"
+
+
+def _to_flax(kind: str, t: np.ndarray) -> np.ndarray:
+    if kind == "linear" and t.ndim == 2:
+        return t.T
+    if kind == "conv":
+        return t.transpose(2, 3, 1, 0)
+    return t
+
+
+def _to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    if kind == "linear" and a.ndim == 2:
+        return a.T
+    if kind == "conv":
+        return a.transpose(3, 2, 0, 1)
+    return a
+
+
+def key_table(config: SwinIRConfig) -> list[Entry]:
+    """Every parameter of SwinIR under `config`, PyTorch name first."""
+    table = []
+
+    def conv(torch_name, flax_name):
+        table.extend(
+            [Entry(f"{torch_name}.weight", (f"{flax_name}/kernel",), "conv"),
+             Entry(f"{torch_name}.bias", (f"{flax_name}/bias",), "vector")]
+        )
+
+    def norm(torch_name, flax_name):
+        table.extend(
+            [Entry(f"{torch_name}.weight", (f"{flax_name}/scale",), "vector"),
+             Entry(f"{torch_name}.bias", (f"{flax_name}/bias",), "vector")]
+        )
+
+    def linear(torch_name, flax_names):
+        table.extend(
+            [Entry(f"{torch_name}.weight", tuple(f"{n}/kernel" for n in flax_names), "linear"),
+             Entry(f"{torch_name}.bias", tuple(f"{n}/bias" for n in flax_names), "linear")]
+        )
+
+    conv("conv_first", "conv_first")
+    norm("patch_embed.norm", "patch_embed_norm")
+    for i, depth in enumerate(config.depths):
+        for j in range(depth):
+            t, f = f"layers.{i}.residual_group.blocks.{j}", f"layers_{i}/residual_group/blocks_{j}"
+            norm(f"{t}.norm1", f"{f}/norm1")
+            table.append(
+                Entry(f"{t}.attn.relative_position_bias_table", (f"{f}/attn/relative_position_bias_table",), "vector")
+            )
+            linear(f"{t}.attn.qkv", tuple(f"{f}/attn/qkv/{n}" for n in "qkv"))
+            linear(f"{t}.attn.proj", (f"{f}/attn/proj",))
+            norm(f"{t}.norm2", f"{f}/norm2")
+            linear(f"{t}.mlp.fc1", (f"{f}/mlp/fc1",))
+            linear(f"{t}.mlp.fc2", (f"{f}/mlp/fc2",))
+        conv(f"layers.{i}.conv", f"layers_{i}/conv")
+    norm("norm", "norm")
+    conv("conv_after_body", "conv_after_body")
+    if config.upsampler == "pixelshuffledirect":
+        conv("upsample.0", "upsample_0")
+    else:
+        conv("conv_before_upsample.0", "conv_before_upsample_0")
+        steps = 1 if config.upscale == 3 else int(math.log2(config.upscale))
+        for k in range(steps):
+            conv(f"upsample.{2 * k}", f"upsample_{2 * k}")
+        conv("conv_last", "conv_last")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the container
+
+
+def unwrap_state_dict(obj, param_key: str | None = None) -> dict[str, np.ndarray]:
+    """The state dict inside a loaded `.pth`: `obj[param_key]`, `params`, `params_ema`, or `obj` itself."""
+    if not isinstance(obj, dict):
+        raise ConversionError(f"expected a dict at the top of the file, found {type(obj).__name__}")
+    keys = [param_key] if param_key else ["params", "params_ema"]
+    for key in keys:
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    else:
+        if param_key:
+            raise ConversionError(f"no {param_key!r} entry; top-level keys: {_preview(obj)}")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, np.ndarray):
+            raise ConversionError(f"entry {k!r} is a {type(v).__name__}, not a tensor; is this a state dict?")
+        sd[k[len("module."):] if k.startswith("module.") else k] = v
+    return sd
+
+
+def _preview(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config inference
+
+
+def infer_config(sd: dict[str, np.ndarray]) -> SwinIRConfig:
+    """SwinIR hyper-parameters read off the tensor shapes (img_range is not stored: SwinIR's 1.0)."""
+    required = ("conv_first.weight", "layers.0.residual_group.blocks.0.attn.relative_position_bias_table")
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ConversionError(f"not a SwinIR state dict: no {missing[0]!r} (keys: {_preview(sd)})")
+    if "layers.0.residual_group.blocks.0.attn.qkv.weight" not in sd:
+        raise ConversionError("not a plain SwinIR state dict: no fused 'attn.qkv.weight' (a quantized model?)")
+    embed_dim, in_chans = sd["conv_first.weight"].shape[:2]
+    stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
+    depths, heads = [], []
+    for i in range(len(stages)):
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.", k))}
+        depths.append(len(blocks))
+        heads.append(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
+    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
+    window = (math.isqrt(table_rows) + 1) // 2
+    mlp_hidden = sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0]
+    if "conv_before_upsample.0.weight" in sd:
+        num_feat = sd["conv_before_upsample.0.weight"].shape[0]
+        factors = [
+            math.isqrt(sd[k].shape[0] // num_feat) for k in sorted(sd) if re.fullmatch(r"upsample\.\d+\.weight", k)
+        ]
+        upsampler, scale = "pixelshuffle", math.prod(factors)
+    elif "upsample.0.weight" in sd:
+        num_feat, upsampler = 64, "pixelshuffledirect"
+        scale = math.isqrt(sd["upsample.0.weight"].shape[0] // in_chans)
+    else:
+        raise ConversionError("SwinIR without a supported upsampler (pixelshuffle or pixelshuffledirect)")
+    try:
+        return SwinIRConfig(
+            upscale=scale, in_chans=int(in_chans), embed_dim=int(embed_dim), depths=tuple(depths),
+            num_heads=tuple(int(h) for h in heads), window_size=window, mlp_ratio=mlp_hidden / embed_dim,
+            upsampler=upsampler, num_feat=int(num_feat),
+        )
+    except ValueError as e:
+        raise ConversionError(f"inconsistent SwinIR shapes: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conversion
+
+
+def expected_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter shapes of SwinIR under `config`, keyed by '/'-joined path (no compute)."""
+    size = 2 * config.window_size
+    shapes = jax.eval_shape(
+        SwinIR(config).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, size, size, config.in_chans), np.float32)
+    )
+    return {"/".join(k): v.shape for k, v in flatten_dict(shapes["params"]).items()}
+
+
+def _check_dropped_buffer(key: str, value: np.ndarray, window: int) -> None:
+    if key.endswith("relative_position_index"):
+        expected = relative_position_index(window)
+    else:  # attn_mask of a shifted block, built by the official code for its training resolution
+        side = math.isqrt(value.shape[0]) * window
+        expected = shifted_window_mask(side, side, window, window // 2)
+    if value.shape != expected.shape or not np.array_equal(value, expected):
+        raise ConversionError(f"buffer {key!r} does not match the SwinIR it belongs to")
+
+
+def torch_to_flax(sd: dict[str, np.ndarray], config: SwinIRConfig | None = None) -> tuple[SwinIRConfig, dict]:
+    """Convert a PyTorch SwinIR state dict to `(config, params)`; every key and shape is checked."""
+    config = config or infer_config(sd)
+    shapes = expected_shapes(config)
+    table = key_table(config)
+    dropped = [k for k in sd if k.endswith(("relative_position_index", "attn_mask"))]
+    for k in dropped:
+        _check_dropped_buffer(k, sd[k], config.window_size)
+    known = {e.torch_key for e in table}
+    leftover = sorted(set(sd) - known - set(dropped))
+    missing = sorted(known - set(sd))
+    if missing or leftover:
+        raise ConversionError(
+            f"state dict does not match {describe(config)}: "
+            + "; ".join(p for p in (missing and f"missing {_preview(missing)}", leftover and f"unexpected {_preview(leftover)}") if p)
+        )
+    flat = {}
+    for e in table:
+        tensor = np.asarray(sd[e.torch_key], np.float32)
+        parts = np.split(tensor, len(e.flax_paths)) if len(e.flax_paths) > 1 else [tensor]
+        for path, part in zip(e.flax_paths, parts):
+            value = _to_flax(e.kind, part)
+            if value.shape != shapes[path]:
+                raise ConversionError(
+                    f"{e.torch_key!r} has shape {tuple(tensor.shape)}; {path} needs {shapes[path]} after conversion"
+                )
+            flat[path] = value
+    if set(flat) != set(shapes):
+        raise ConversionError(f"key table misses Flax params: {_preview(set(shapes) - set(flat))}")
+    return config, unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def flax_to_torch(config: SwinIRConfig, params: dict) -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_flax`: an official-layout state dict (no derived buffers)."""
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in flatten_dict(params).items()}
+    sd = {}
+    for e in key_table(config):
+        parts = [_to_torch(e.kind, flat.pop(p)) for p in e.flax_paths]
+        sd[e.torch_key] = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+    if flat:
+        raise ConversionError(f"params not in the SwinIR key table: {_preview(flat)}")
+    return sd
+
+
+def describe(config: SwinIRConfig) -> str:
+    """One-line summary of a config, for CLI output and errors."""
+    return (
+        f"SwinIR x{config.upscale} (embed_dim {config.embed_dim}, depths {list(config.depths)}, "
+        f"heads {list(config.num_heads)}, window {config.window_size}, {config.upsampler})"
+    )
+
