@@ -20,8 +20,6 @@ def main():
     parser.add_argument("-o", "--out", type=Path, help="checkpoint directory (default: checkpoints/<file stem>)")
     parser.add_argument("--param-key", help="entry holding the state dict (default: params, then params_ema)")
     args = parser.parse_args()
-    if not args.pth.is_file():
-        parser.error(f"no such file: {args.pth}")
     model = load_model(args.pth, args.param_key)
     out = save_model(args.out or Path("checkpoints") / args.pth.stem, model)
     count = sum(x.size for x in jax.tree.leaves(model.params))

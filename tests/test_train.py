@@ -16,7 +16,7 @@ from jaxquant.data import write_image
 from jaxquant.patches import lr_pool_from_folder, sample_patches
 from jaxquant.runs import RunCheckpointer
 from jaxquant.swinir import SwinIRConfig
-from jaxquant.train import TrainConfig, init_params, init_state, l1_loss, train, train_step
+from jaxquant.train import TrainConfig, init_params, init_state, l1_loss, train, train_step, transfer_params
 from jaxquant.swinir import SwinIR
 
 TINY = SwinIRConfig(upscale=2, embed_dim=12, depths=(1, 1), num_heads=(2, 2), window_size=4)
@@ -38,7 +38,8 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 def tiny_config(tiny_root: Path, **overrides) -> TrainConfig:
-    base = dict(scale=2, model=TINY, batch=4, patch=8, steps=6, lr=1e-3, warmup=1, val_every=0, ckpt_every=3,
+    """One config for all f32 step tests: `train_step` compiles once per distinct config."""
+    base = dict(scale=2, model=TINY, batch=4, patch=8, steps=30, lr=1e-3, warmup=3, val_every=15, ckpt_every=15,
                 data_root=str(tiny_root), train_dir=str(tiny_root / "train"))
     return TrainConfig(**{**base, **overrides})
 
@@ -56,7 +57,7 @@ def assert_trees_equal(a, b):
 
 
 def test_loss_goes_down(tiny_root):
-    cfg = tiny_config(tiny_root, steps=30, warmup=3)
+    cfg = tiny_config(tiny_root)
     pool = lr_pool_from_folder(cfg.images_dir, 2, min_size=cfg.patch)
     lr, hr = sample_patches(pool, jax.random.PRNGKey(123), 16, 8)  # a fixed held-out batch
     held_out = jax.jit(lambda p: l1_loss(p, SwinIR(TINY), lr, hr))
@@ -73,7 +74,7 @@ def test_loss_goes_down(tiny_root):
 
 
 def test_bf16_step_keeps_float32_params(tiny_root):
-    cfg = tiny_config(tiny_root, steps=2, bf16=True)
+    cfg = tiny_config(tiny_root, bf16=True)
     state = init_state(cfg)
     pool = lr_pool_from_folder(cfg.images_dir, 2, min_size=cfg.patch)
     # Flax's LayerNorm calls promote_types(bfloat16, float32), which strict promotion (conftest) rejects.
@@ -85,18 +86,18 @@ def test_bf16_step_keeps_float32_params(tiny_root):
 
 
 def test_killed_run_resumes_bit_for_bit(tiny_root, tmp_path):
-    cfg = tiny_config(tiny_root, val_every=3)
+    cfg = tiny_config(tiny_root)
     full = train(cfg, tmp_path / "full")
-    assert train(cfg, tmp_path / "cut", stop_after=3) is None  # "killed" after step 3
+    assert train(cfg, tmp_path / "cut", stop_after=15) is None  # "killed" after step 15
     assert not (tmp_path / "cut" / "model").exists()
-    with RunCheckpointer(tmp_path / "cut", every=3) as ckpt:
-        assert ckpt.latest_step() == 3
+    with RunCheckpointer(tmp_path / "cut", every=15) as ckpt:
+        assert ckpt.latest_step() == 15
     resumed = train(cfg, tmp_path / "cut", resume=True)
-    assert resumed["steps_this_process"] == 3
+    assert resumed["steps_this_process"] == 15
     assert_trees_equal(load_model(tmp_path / "full").params, load_model(tmp_path / "cut").params)
     state = init_state(cfg)
-    with RunCheckpointer(tmp_path / "full", 3) as a, RunCheckpointer(tmp_path / "cut", 3) as b:
-        assert_trees_equal(a.restore_latest(state), b.restore_latest(state))
+    with RunCheckpointer(tmp_path / "full", 15) as a, RunCheckpointer(tmp_path / "cut", 15) as b:
+        assert_trees_equal(a.restore_latest(state), b.restore_latest(state))  # params, Adam state, step, key
     assert full["final_loss"] == resumed["final_loss"]
     assert full["set5_psnr_y"] == resumed["set5_psnr_y"] and np.isfinite(full["set5_psnr_y"])
     assert (tmp_path / "full" / "results.md").read_text().count("\n") == 3
@@ -129,11 +130,19 @@ def test_init_x4_from_x2_keeps_body_and_reinitialises_upsampler(tiny_root, tmp_p
         np.testing.assert_array_equal(value, expected, err_msg=path)
 
 
-def test_init_with_other_shapes_is_a_clear_error(tiny_root, tmp_path):
-    wide = dataclasses.replace(TINY, embed_dim=16)
-    save_model(tmp_path / "wide", Model(wide, init_params(tiny_config(tiny_root, model=wide), jax.random.PRNGKey(0))))
-    with pytest.raises(ValueError, match=r"init params do not fit the model: conv_after_body/bias is \(16,\), needs \(12,\)"):
-        init_params(tiny_config(tiny_root, init=str(tmp_path / "wide")), jax.random.PRNGKey(0))
+def test_transfer_params_names_every_mismatch():
+    def params(embed, extra=None, up=12):
+        tree = {"conv_first": {"kernel": jnp.ones((3, 3, 3, embed))}, "upsample_0": {"kernel": jnp.zeros((3, 3, embed, up))}}
+        return tree | ({extra: {"bias": jnp.ones((embed,))}} if extra else {})
+
+    copied = transfer_params(params(12), params(12, up=48), keep_upsampler=False)
+    np.testing.assert_array_equal(copied["conv_first"]["kernel"], 1.0)
+    np.testing.assert_array_equal(copied["upsample_0"]["kernel"], 0.0)  # left as initialised
+    with pytest.raises(ValueError, match=r"missing norm/bias; unexpected old/bias; conv_first/kernel is "
+                                         r"\(3, 3, 3, 16\), needs \(3, 3, 3, 12\) \(3 in all\)"):
+        transfer_params(params(12, "norm"), params(16, "old"), keep_upsampler=False)
+    with pytest.raises(ValueError, match=r"upsample_0/kernel is \(3, 3, 12, 48\)"):
+        transfer_params(params(12), params(12, up=48), keep_upsampler=True)
 
 
 def test_config_round_trip_and_checks():

@@ -1,0 +1,38 @@
+"""Timing helpers shared by the benchmarks: compile once, warm up, time several runs, report the median."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+
+def time_compiled(fn: Callable, *args, runs: int = 10, warmup: int = 2) -> dict:
+    """Compile `fn` (jitted) for `args`, then time `runs` calls after `warmup`; seconds."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return {"compile_s": compile_s, "median_s": statistics.median(times), "min_s": min(times), "runs": runs}
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{d.device_kind} ({jax.device_count()} device(s), jax {jax.__version__})"
+
+
+def report(title: str, rows: dict[str, dict], official_s: float | None = None) -> None:
+    print(f"## {title} on {device_name()}")
+    print("| case | compile (s) | median (ms) | min (ms) | vs official |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        ratio = f"{official_s / r['median_s']:.1f}x faster" if official_s else "-"
+        print(f"| {name} | {r['compile_s']:.2f} | {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f} | {ratio} |")

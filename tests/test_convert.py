@@ -1,0 +1,134 @@
+"""PyTorch -> Flax conversion: layouts accepted, config inference, and loud refusals (in the library and the CLI)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA_ROOT, require
+from weights_convert.swinir import ConversionError, flax_to_torch, infer_config, torch_to_flax, unwrap_state_dict
+from weights_convert.torch_pickle import load_pth, save_pth
+from jaxquant.swinir import shifted_window_mask
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+    return unwrap_state_dict(load_pth(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth")))
+
+
+def test_config_is_inferred(state_dict):
+    config = infer_config(state_dict)
+    assert (config.upscale, config.embed_dim, config.depths, config.num_heads) == (2, 60, (6, 6, 6, 6), (6,) * 4)
+    assert (config.window_size, config.mlp_ratio, config.upsampler) == (8, 2.0, "pixelshuffledirect")
+
+
+def test_qkv_is_split_row_wise_and_linears_transposed(state_dict):
+    _, params = torch_to_flax(state_dict)
+    attn = params["layers_1"]["residual_group"]["blocks_3"]["attn"]
+    qkv = state_dict["layers.1.residual_group.blocks.3.attn.qkv.weight"]
+    for i, name in enumerate("qkv"):
+        np.testing.assert_array_equal(attn["qkv"][name]["kernel"], qkv[60 * i : 60 * (i + 1)].T)
+    conv = state_dict["conv_first.weight"]  # (out, in, kh, kw)
+    np.testing.assert_array_equal(params["conv_first"]["kernel"][1, 2, 0, 5], conv[5, 0, 1, 2])
+
+
+def test_round_trip_is_lossless(state_dict):
+    config, params = torch_to_flax(state_dict)
+    back = flax_to_torch(config, params)
+    kept = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
+    assert back.keys() == kept.keys()
+    assert all(np.array_equal(back[k], kept[k]) for k in kept)
+
+
+def test_release_layouts_are_accepted(state_dict):
+    """`params_ema`, a `module.` prefix, and the `attn_mask` buffers of the official release files."""
+    with_masks = dict(state_dict)
+    for i in range(4):
+        for j in (1, 3, 5):
+            with_masks[f"layers.{i}.residual_group.blocks.{j}.attn_mask"] = shifted_window_mask(64, 64, 8, 4)
+    wrapped = {"params_ema": {f"module.{k}": v for k, v in with_masks.items()}}
+    config, params = torch_to_flax(unwrap_state_dict(wrapped))
+    assert config.upscale == 2
+    np.testing.assert_array_equal(params["norm"]["scale"], state_dict["norm.weight"])
+
+
+def test_wrong_buffer_is_refused(state_dict):
+    sd = dict(state_dict)
+    sd["layers.0.residual_group.blocks.1.attn_mask"] = np.zeros((64, 64, 64), np.float32)
+    with pytest.raises(ConversionError, match="attn_mask"):
+        torch_to_flax(sd)
+
+
+def test_not_swinir_is_refused():
+    with pytest.raises(ConversionError, match="not a SwinIR state dict"):
+        torch_to_flax({"fc.weight": np.zeros((10, 5), np.float32)})
+
+
+def test_wrong_shape_names_the_key(state_dict):
+    sd = dict(state_dict)
+    sd["layers.2.residual_group.blocks.4.mlp.fc2.weight"] = np.zeros((60, 100), np.float32)
+    with pytest.raises(ConversionError, match=r"'layers\.2\.residual_group\.blocks\.4\.mlp\.fc2\.weight' has shape \(60, 100\)"):
+        torch_to_flax(sd)
+
+
+def test_missing_and_leftover_keys_are_named(state_dict):
+    sd = dict(state_dict)
+    del sd["layers.3.conv.bias"]
+    sd["extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(ConversionError, match=r"missing layers\.3\.conv\.bias; unexpected extra\.weight"):
+        torch_to_flax(sd)
+
+
+def run_script(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_convert_cli_writes_a_checkpoint(tmp_path):
+    result = run_script("scripts/convert.py", str(require(DATA_ROOT / "weights" / "swinir_light_x4_t291.pth")),
+                        "-o", str(tmp_path / "x4"))
+    assert result.returncode == 0, result.stderr
+    # 897,228 (the spec's count) + 24 relative position bias tables of 225 x 6
+    assert "SwinIR x4" in result.stdout and "929,628 parameters" in result.stdout
+    assert (tmp_path / "x4" / "params").is_dir()
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [("malicious", "refusing to unpickle global 'posix.system'"), ("truncated", "truncated"),
+     ("not_swinir", "not a SwinIR state dict"), ("wrong_shape", "has shape (60, 7)"), ("missing", "no model at")],
+)
+def test_convert_cli_bad_input_is_one_line(tmp_path, case, pattern, state_dict):
+    path = tmp_path / f"{case}.pth"
+    marker = tmp_path / "pwned"
+    if case == "malicious":
+        import pickle, zipfile
+
+        class Evil:
+            def __reduce__(self):
+                import os
+                return os.system, (f"touch {marker}",)
+
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", pickle.dumps(Evil(), protocol=2))
+    elif case == "truncated":
+        path.write_bytes((DATA_ROOT / "weights" / "swinir_light_x2_t291.pth").read_bytes()[:100_000])
+    elif case == "not_swinir":
+        save_pth(path, {"params": {"backbone.fc.weight": np.zeros((4, 4), np.float32)}})
+    elif case == "wrong_shape":
+        bad = {"layers.0.residual_group.blocks.0.attn.proj.weight": np.zeros((60, 7), np.float32)}
+        save_pth(path, {"params": state_dict | bad})
+    result = run_script("scripts/convert.py", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, pattern)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
