@@ -5,7 +5,8 @@
 
 Runs on whatever device JAX picks (CPU or GPU, unchanged). Patches come from synthetic images already on the
 device, so data loading is not measured beyond the on-device crop. Compile time is timed separately
-(`lower().compile()`, whose executable then runs every step), then `--warmup` steps run untimed and `--steps` steps are timed one by one.
+(`lower().compile()`, whose executable then runs every step); then `--warmup` steps run untimed and `--steps`
+steps are timed one by one (median reported).
 """
 
 from __future__ import annotations

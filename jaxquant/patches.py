@@ -65,7 +65,8 @@ def make_pool(
             raise ValueError(f"image {i}: HR shape {hr_images[i].shape} is not {scale} x LR shape {lr.shape}")
     keep = [i for i, lr in enumerate(lr_images) if min(lr.shape[:2]) >= min_size]
     if len(keep) < len(lr_images):
-        warnings.warn(f"dropped {len(lr_images) - len(keep)} of {len(lr_images)} images with an LR side under {min_size}")
+        dropped = len(lr_images) - len(keep)
+        warnings.warn(f"dropped {dropped} of {len(lr_images)} images with an LR side under {min_size}", stacklevel=2)
     if not keep:
         raise ValueError(f"no image has an LR side of at least {min_size} pixels (of {len(lr_images)} images)")
     return PatchPool(

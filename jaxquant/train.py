@@ -262,6 +262,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
         if resume:
             state = checkpoints.restore_latest(state) or state
         first = int(state.step)
+        if first == cfg.steps and (run_dir / "results.json").is_file():  # resuming a finished run
+            return json.loads((run_dir / "results.json").read_text())
         with progress(cfg.steps, first, desc=f"train x{cfg.scale}") as bar:
             for step in range(first + 1, end + 1):
                 state, loss = train_step(state, pool, cfg=cfg)

@@ -18,8 +18,8 @@ from jaxquant.data import resolve_data_root
 from jaxquant.train import TrainConfig, load_config, preset, train
 
 # flags named after TrainConfig fields; with --resume none may be given (the run dir holds the config)
-CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "bf16", "val_every", "ckpt_every", "init", "seed", "data_root",
-                "train_dir")
+CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "warmup", "bf16", "val_every", "ckpt_every", "init", "seed",
+                "data_root", "train_dir")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="total steps (preset: 1278 at x2, 380 at x3/x4)")
     p.add_argument("--batch", type=int, help="patches per step (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps, must be < --steps (preset: 100 at x2, 20)")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 compute, float32 params and loss")
     p.add_argument("--val-every", type=int, help="Set5 validation interval in steps; 0: none")
     p.add_argument("--ckpt-every", type=int, help="checkpoint interval in steps")

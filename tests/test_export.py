@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 from pathlib import Path
 
 import jax
@@ -17,11 +17,8 @@ from weights_convert.torch_pickle import load_pth
 REPO = Path(__file__).resolve().parents[1]
 
 
-def export(argv: list[str]) -> None:
-    spec = importlib.util.spec_from_file_location("export", REPO / "scripts" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main([str(a) for a in argv])
+def export(argv: list) -> None:
+    runpy.run_path(str(REPO / "scripts" / "export.py"))["main"]([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +71,8 @@ def test_quantized_model_exports_fp_params_with_a_note(real_pth, tmp_path, capsy
     export([tmp_path / "q", "-o", tmp_path / "q.pth"])
     assert "bounds not exported" in capsys.readouterr().out
     written = unwrap_state_dict(load_pth(tmp_path / "q.pth"))
-    np.testing.assert_array_equal(written["conv_first.weight"], unwrap_state_dict(load_pth(real_pth))["conv_first.weight"])
+    original = unwrap_state_dict(load_pth(real_pth))
+    np.testing.assert_array_equal(written["conv_first.weight"], original["conv_first.weight"])
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

@@ -1,0 +1,109 @@
+"""DQC (distillation quantization calibration, 2DQuant section 3.3): the bounds trained by distillation.
+
+Paper: Liu et al., "2DQuant", NeurIPS 2024. Official code: `TDQuantModel.optimize_parameters` in
+`basicsr/models/2dquant_model.py` (github.com/Kai-Liu001/2DQuant). Only the bounds are trained (the network
+weights are frozen); the teacher is the FP model and the student is the same module and params with the
+bounds as its "bounds" collection. Straight-through gradients come from `jaxquant.quant.fake_quant`.
+
+Losses (spec section 5):
+- `official`, exactly as coded: l_pix = mean|O_q - O_fp| / O.numel() * B, plus for each of the 4 stage features
+  5 * mean((Fq/nq - F/nf)^2) / numel, where nq, nf are detached per-sample norms shaped (B,1,1,1) divided into
+  features shaped (B, L, C): PyTorch broadcasts that to (B, B, L, C), and so do we, on purpose.
+- `paper`: mean|O_q - O_fp| + feature_weight * sum_i mean_b ||F_b/||F_b|| - Fq_b/||Fq_b|| ||_2 / (L_i C_i).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxquant.quant import quantized_site
+from jaxquant.swinir import SwinIR, SwinIRConfig
+
+Array = jax.Array
+LossMode = Literal["official", "paper"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DQCConfig:
+    """Optimisation of the bounds. Defaults are the official code's (spec section 5)."""
+
+    loss: LossMode = "official"
+    feature_weight: float = 1.0  # `paper` loss only; the paper leaves lambda unstated
+    steps: int = 4000
+    batch: int = 16
+    patch: int = 64
+    lr: float = 1e-2
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    cosine: bool = False  # official: constant LR; paper: cosine decay
+
+    def optimizer(self) -> optax.GradientTransformation:
+        lr = optax.cosine_decay_schedule(self.lr, self.steps) if self.cosine else self.lr
+        return optax.adam(lr, b1=self.b1, b2=self.b2, eps=self.eps)
+
+
+def _per_sample_norm(f: Array) -> Array:
+    """Detached Frobenius norm of each sample of (B, L, C), shaped (B, 1, 1, 1) as in the official code."""
+    return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(f), axis=(1, 2)))).reshape(-1, 1, 1, 1)
+
+
+def official_loss(out_q, out_fp, feats_q, feats_fp) -> tuple[Array, dict]:
+    batch = out_q.shape[0]
+    pixel = jnp.mean(jnp.abs(out_q - out_fp)) / out_q.size * batch
+    terms = {"pixel": pixel}
+    for i, (fq, ff) in enumerate(zip(feats_q, feats_fp)):
+        # (B, L, C) / (B, 1, 1, 1) -> (B, B, L, C): the official broadcasting slip, kept for parity.
+        nq = fq[None] / _per_sample_norm(fq)
+        nf = ff[None] / _per_sample_norm(ff)
+        terms[f"feature_{i}"] = 5.0 * jnp.mean(jnp.square(nq - nf)) / nq.size
+    return sum(terms.values()), terms
+
+
+def paper_loss(out_q, out_fp, feats_q, feats_fp, feature_weight: float) -> tuple[Array, dict]:
+    terms = {"pixel": jnp.mean(jnp.abs(out_q - out_fp))}
+    for i, (fq, ff) in enumerate(zip(feats_q, feats_fp)):
+        unit = lambda f: f / _per_sample_norm(f)[:, :, :, 0]
+        per_sample = jnp.sqrt(jnp.sum(jnp.square(unit(ff) - unit(fq)), axis=(1, 2))) / (fq.shape[1] * fq.shape[2])
+        terms[f"feature_{i}"] = feature_weight * jnp.mean(per_sample)
+    return sum(terms.values()), terms
+
+
+def distillation_loss(bounds, params, images: Array, config: SwinIRConfig, dqc: DQCConfig) -> tuple[Array, dict]:
+    """Loss of the fake-quant student against the FP teacher on `images` (B, H, W, C)."""
+    out_fp, feats_fp = SwinIR(config).apply({"params": params}, images)
+    out_q, feats_q = SwinIR(config, site=quantized_site).apply({"params": params, "bounds": bounds}, images)
+    out_fp, feats_fp = jax.lax.stop_gradient((out_fp, feats_fp))
+    if dqc.loss == "official":
+        return official_loss(out_q, out_fp, feats_q, feats_fp)
+    return paper_loss(out_q, out_fp, feats_q, feats_fp, dqc.feature_weight)
+
+
+class DQCState(NamedTuple):
+    """Everything a DQC run changes: the bounds, Adam's moments, the step count."""
+
+    bounds: dict
+    opt_state: optax.OptState
+    step: Array
+
+
+def init_state(bounds, dqc: DQCConfig) -> DQCState:
+    return DQCState(bounds, dqc.optimizer().init(bounds), jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
+def dqc_step(config: SwinIRConfig, dqc: DQCConfig, state: DQCState, params, images: Array):
+    """One Adam step on the bounds; returns the new state and the loss terms (before the update)."""
+    (loss, terms), grads = jax.value_and_grad(distillation_loss, has_aux=True)(
+        state.bounds, params, images, config, dqc
+    )
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
+        updates, opt_state = dqc.optimizer().update(grads, state.opt_state, state.bounds)
+    bounds = optax.apply_updates(state.bounds, updates)
+    return DQCState(bounds, opt_state, state.step + 1), {"loss": loss, **terms}

@@ -1,0 +1,121 @@
+"""DQC against the official code's three steps (golden arrays), the losses by hand, and the optimiser set-up."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import nhwc
+from jaxquant.dqc import DQCConfig, dqc_step, init_state, official_loss, paper_loss
+from jaxquant.quant import bounds_from_official, bounds_to_official
+
+
+def _run_dqc(model, arrays, names, bits, images, steps=3):
+    start = {n: [arrays[f"w{bits}_dobi_lb"][i], arrays[f"w{bits}_dobi_ub"][i]] for i, n in enumerate(names)}
+    dqc = DQCConfig()
+    state = init_state(bounds_from_official(start, model.config, bits), dqc)
+    losses = []
+    for _ in range(steps):
+        state, terms = dqc_step(model.config, dqc, state, model.params, images)
+        losses.append(float(terms["loss"]))
+    named = bounds_to_official(state.bounds)
+    flat = np.concatenate([[named[n][0] for n in names], [named[n][1] for n in names]])
+    return np.array(losses), flat
+
+
+@pytest.fixture(scope="module")
+def official_dqc(t291_model, golden):
+    """Our 3 official-mode steps from the golden DOBI bounds, with the golden values to compare against."""
+    cache = {}
+
+    def get(scale, bits):
+        if (scale, bits) not in cache:
+            arrays, meta = golden(scale)
+            names = meta["quantizers"][str(bits)]
+            losses, bounds = _run_dqc(t291_model(scale), arrays, names, bits, nhwc(arrays["dqc_batch"]))
+            start = np.concatenate([arrays[f"w{bits}_dobi_lb"], arrays[f"w{bits}_dobi_ub"]])
+            expected = np.concatenate([arrays[f"w{bits}_dqc3_lb"], arrays[f"w{bits}_dqc3_ub"]])
+            cache[scale, bits] = losses, bounds, arrays[f"w{bits}_dqc_losses"], expected, start
+        return cache[scale, bits]
+
+    return get
+
+
+BITS = pytest.mark.parametrize("bits", [4, 2])
+
+
+@BITS
+def test_first_loss_matches_official(scale, bits, official_dqc):
+    losses, _, expected, _, _ = official_dqc(scale, bits)
+    rel = abs(losses[0] / expected[0] - 1)
+    assert rel <= 1e-3, f"x{scale} W{bits}: official loss {losses[0]:.6g} vs {expected[0]:.6g} ({rel:.2g} relative)"
+
+
+@BITS
+def test_three_steps_move_the_bounds_like_official(scale, bits, official_dqc):
+    """Direction and size of the 3-step movement agree. A regression guard below what was measured
+    (correlation 0.965-0.999; same sign for 95-100% of the scalars the official code moved by > 1e-3)."""
+    _, bounds, _, expected, start = official_dqc(scale, bits)
+    ours, theirs = bounds - start, expected - start
+    assert np.corrcoef(ours, theirs)[0, 1] >= 0.95
+    moved = np.abs(theirs) > 1e-3
+    assert np.mean(np.sign(ours[moved]) == np.sign(theirs[moved])) >= 0.9
+
+
+@BITS
+@pytest.mark.xfail(strict=True, reason=(
+    "4-bit and 2-bit fake-quant forwards are chaotic at this tolerance: measured 51-64% of the 768 scalars within "
+    "1e-4 (79-97% within 1e-3), step-1 losses within 4e-4 relative; perturbing our own input by 1e-6 leaves only "
+    "53% of our own scalars within 1e-4 (test_dqc_is_chaotic_at_this_tolerance)"))
+def test_three_steps_match_official_bounds(scale, bits, official_dqc):
+    losses, bounds, expected_losses, expected, _ = official_dqc(scale, bits)
+    assert np.mean(np.abs(bounds - expected) <= 1e-4) >= 0.98
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-3)
+
+
+def test_dqc_is_chaotic_at_this_tolerance(t291_model, golden, official_dqc):
+    """Why the 1e-4 criterion is out of reach: a 1e-6 change of the input moves our own result as much."""
+    arrays, meta = golden(4)
+    images = nhwc(arrays["dqc_batch"])
+    nudged = jnp.clip(images + 1e-6 * jax.random.normal(jax.random.PRNGKey(0), images.shape), 0.0, 1.0)
+    _, bounds_nudged = _run_dqc(t291_model(4), arrays, meta["quantizers"]["2"], 2, nudged)
+    _, bounds, _, _, _ = official_dqc(4, 2)
+    assert np.mean(np.abs(bounds - bounds_nudged) <= 1e-4) < 0.98
+
+
+def _features(key, batch=2):
+    return [jax.random.normal(jax.random.fold_in(key, i), (batch, 16, 6)) for i in range(4)]
+
+
+def test_official_loss_by_hand():
+    key = jax.random.PRNGKey(0)
+    out_q, out_fp = jax.random.normal(key, (2, 8, 8, 3)), jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    fq, ff = _features(jax.random.PRNGKey(2)), _features(jax.random.PRNGKey(3))
+    loss, terms = official_loss(out_q, out_fp, fq, ff)
+    a, b = np.asarray(out_q, np.float64), np.asarray(out_fp, np.float64)
+    expected = np.abs(a - b).mean() / a.size * 2
+    for q, f in zip(fq, ff):
+        q, f = np.asarray(q, np.float64), np.asarray(f, np.float64)
+        nq = np.linalg.norm(q.reshape(2, -1), axis=1)
+        nf = np.linalg.norm(f.reshape(2, -1), axis=1)
+        # official broadcasting: element [i, j] = F[j] / n[i]
+        diff = q[None] / nq[:, None, None, None] - f[None] / nf[:, None, None, None]
+        expected += 5 * np.mean(diff**2) / diff.size
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert set(terms) == {"pixel", "feature_0", "feature_1", "feature_2", "feature_3"}
+
+
+def test_paper_loss_by_hand():
+    out_q, out_fp = jnp.ones((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3))
+    same = _features(jax.random.PRNGKey(0))
+    loss, _ = paper_loss(out_q, out_fp, same, [2.0 * f for f in same], feature_weight=3.0)
+    np.testing.assert_allclose(float(loss), 1.0, rtol=1e-6)  # features equal after normalisation
+    flipped = [-f for f in same]
+    loss, _ = paper_loss(out_q, out_fp, same, flipped, feature_weight=3.0)
+    np.testing.assert_allclose(float(loss), 1.0 + 3.0 * 4 * 2.0 / (16 * 6), rtol=1e-5)  # ||2u|| = 2 per sample
+
+
+def test_adam_settings_are_the_official_ones():
+    dqc = DQCConfig()
+    assert (dqc.lr, dqc.b1, dqc.b2, dqc.eps, dqc.steps, dqc.batch, dqc.patch, dqc.cosine) == (
+        1e-2, 0.9, 0.99, 1e-8, 4000, 16, 64, False)
