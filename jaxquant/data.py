@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -189,7 +189,8 @@ class BenchmarkImage(NamedTuple):
     lr: np.ndarray  # uint8 (H/s)x(W/s)x3
 
 
-def _benchmark_dir(data_root: Path, name: str) -> Path:
+def benchmark_dir(data_root: Path, name: str) -> Path:
+    """`<root>/benchmark/<name>`; a missing dataset is a FileNotFoundError naming the path."""
     dataset_dir = data_root / "benchmark" / name
     if not (dataset_dir / "HR").is_dir():
         benchmark_root = data_root / "benchmark"
@@ -207,7 +208,7 @@ def _benchmark_dir(data_root: Path, name: str) -> Path:
 
 def load_benchmark(data_root: str | os.PathLike, name: str, scale: int) -> list[BenchmarkImage]:
     """HR/LR pairs of benchmark `name` at integer `scale` (LR made by `imresize` when absent)."""
-    dataset_dir = _benchmark_dir(Path(data_root), name)
+    dataset_dir = benchmark_dir(Path(data_root), name)
     lr_dir = dataset_dir / "LR_bicubic" / f"X{scale}"
     pairs = []
     for hr_path in list_images(dataset_dir / "HR"):
@@ -222,43 +223,3 @@ def load_benchmark(data_root: str | os.PathLike, name: str, scale: int) -> list[
             )
         pairs.append(BenchmarkImage(hr_path.stem, hr, lr))
     return pairs
-
-
-# --------------------------------------------------------------------------- training patches
-
-
-def _augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    hflip, vflip, transpose = rng.random(3) < 0.5
-    if hflip:
-        patch = patch[:, ::-1]
-    if vflip:
-        patch = patch[::-1]
-    if transpose:
-        patch = patch.transpose(1, 0, 2)
-    return patch
-
-
-def sample_patches(
-    images: Sequence[np.ndarray],
-    num: int,
-    size: int,
-    rng: np.random.Generator,
-    augment: bool = True,
-) -> np.ndarray:
-    """`num` random `size`x`size` crops of random images: float32 in [0, 1], (num, size, size, 3).
-
-    With `augment`, each crop is independently h-flipped, v-flipped and transposed with
-    probability 1/2 (the BasicSR `augment` flips and rotation). Images smaller than `size` are
-    skipped. Deterministic for a given `rng` state.
-    """
-    candidates = [img for img in images if min(img.shape[:2]) >= size]
-    if not candidates:
-        raise ValueError(f"no image is at least {size}x{size} (got {len(images)} images)")
-    patches = np.empty((num, size, size, 3), dtype=np.float32)
-    for i in range(num):
-        img = candidates[rng.integers(len(candidates))]
-        top = rng.integers(img.shape[0] - size + 1)
-        left = rng.integers(img.shape[1] - size + 1)
-        patch = img[top : top + size, left : left + size]
-        patches[i] = (_augment(patch, rng) if augment else patch) / 255.0
-    return patches

@@ -15,7 +15,6 @@ from jaxquant.data import (
     modcrop,
     read_image,
     resolve_data_root,
-    sample_patches,
     write_image,
 )
 
@@ -254,56 +253,3 @@ def test_load_benchmark_synthetic_layout(tmp_path):
     write_image(tmp_path / "benchmark/Toy/LR_bicubic/X2/imgx2.png", np.zeros((5, 5, 3), np.uint8))
     with pytest.raises(ValueError, match="expected \\(6, 5, 3\\)"):
         load_benchmark(tmp_path, "Toy", 2)
-
-
-# --------------------------------------------------------------------------- patches
-
-
-def _dihedral_variants(patch):
-    for candidate in (patch, patch.transpose(1, 0, 2)):
-        for flipped in (candidate, candidate[::-1], candidate[:, ::-1], candidate[::-1, ::-1]):
-            yield flipped
-
-
-def _is_crop_of(patch, images, allow_augment):
-    size = patch.shape[0]
-    variants = list(_dihedral_variants(patch)) if allow_augment else [patch]
-    for img in images:
-        windows = np.lib.stride_tricks.sliding_window_view(img, (size, size), axis=(0, 1))
-        windows = windows.transpose(0, 1, 3, 4, 2)  # (top, left, size, size, 3)
-        if any(np.any(np.all(windows == v, axis=(2, 3, 4))) for v in variants):
-            return True
-    return False
-
-
-def _patch_images():
-    rng = np.random.default_rng(3)
-    large = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(20, 24, 3), (18, 16, 3)]]
-    too_small = np.full((6, 30, 3), 7, dtype=np.uint8)
-    return large, [large[0], too_small, large[1]]
-
-
-def test_sample_patches_are_augmented_crops_of_large_images():
-    large, images = _patch_images()
-    patches = sample_patches(images, 40, 8, np.random.default_rng(0))
-    assert patches.shape == (40, 8, 8, 3) and patches.dtype == np.float32
-    assert patches.min() >= 0.0 and patches.max() <= 1.0
-    as_uint8 = np.round(patches * 255).astype(np.uint8)
-    np.testing.assert_allclose(as_uint8 / 255.0, patches, atol=1e-7)
-    assert all(_is_crop_of(p, large, allow_augment=True) for p in as_uint8)
-    plain = np.round(sample_patches(images, 20, 8, np.random.default_rng(0), augment=False) * 255)
-    assert all(_is_crop_of(p.astype(np.uint8), large, allow_augment=False) for p in plain)
-
-
-def test_sample_patches_reproducible_per_seed():
-    _, images = _patch_images()
-    first = sample_patches(images, 16, 8, np.random.default_rng(42))
-    again = sample_patches(images, 16, 8, np.random.default_rng(42))
-    other = sample_patches(images, 16, 8, np.random.default_rng(43))
-    np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)
-
-
-def test_sample_patches_needs_a_large_enough_image():
-    with pytest.raises(ValueError, match="at least 32x32"):
-        sample_patches([np.zeros((16, 40, 3), np.uint8)], 4, 32, np.random.default_rng(0))

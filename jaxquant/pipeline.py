@@ -1,0 +1,239 @@
+"""The 2DQuant pipeline end to end: FP model -> calibration -> bounds (MinMax / Percentile / DOBI) -> DQC ->
+evaluation, written to a run directory.
+
+    run = QuantizeConfig(bits=2, scale=4, dqc=PRESETS["quick"])
+    results = quantize_run(run, Path("runs/x4_w2"))
+
+The run directory holds `model/` (params, bounds and config: an orbax checkpoint that `load_model` and
+`scripts/evaluate.py --model` accept), `results.json` and `results.md` (FP / MinMax / <init> / DQC on the
+chosen benchmarks), `comparison.png`, and, while DQC runs, `checkpoints/` to resume from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.checkpoint import Model, load_model, save_model
+from jaxquant.data import benchmark_dir, list_images, load_benchmark, read_image
+from jaxquant.dobi import Calibration, Method, Strategy, calibrate
+from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
+from jaxquant.evaluate import evaluate, evaluate_dataset, results_table
+from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
+from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds
+from jaxquant.runs import RunCheckpointer, progress, write_results
+from jaxquant.visualize import comparison_grid
+from weights_convert.torch_pickle import load_pth
+
+# `paper`: the official code's DQC settings; `quick`: the whole pipeline in minutes on a 2-core CPU.
+PRESETS = {
+    "paper": DQCConfig(),
+    "quick": DQCConfig(steps=160, batch=4, patch=32),
+}
+VALIDATE_EVERY = {"paper": 100, "quick": 40}
+CALIB_PATCHES = {"paper": (32, 64), "quick": (8, 64)}  # (count, size) sampled from a calibration folder
+
+
+def default_preset() -> str:
+    """`paper` on an accelerator, `quick` on a CPU."""
+    return "quick" if jax.default_backend() == "cpu" else "paper"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """One quantization run. Paths default to the data root's weights, calibration and training images."""
+
+    bits: int = 2
+    scale: int = 4
+    model: str | None = None
+    method: Method = "dobi"
+    strategy: Strategy = "official"
+    percentile: float = 99.99
+    calib: str | None = None
+    calib_patches: int = 32
+    calib_size: int = 64
+    dqc: DQCConfig | None = None
+    train_dir: str | None = None
+    validate_every: int = 100
+    checkpoint_every: int = 100
+    datasets: tuple[str, ...] = ("Set5",)
+    import_bounds: str | None = None
+    export_bounds: str | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantizeConfig":
+        d = dict(d, datasets=tuple(d["datasets"]))
+        return cls(**d | {"dqc": DQCConfig(**d["dqc"]) if d.get("dqc") else None})
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"bits must be 2..8, got {self.bits}")
+        if self.scale not in (2, 3, 4):
+            raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_calibration(source: Path, count: int, size: int, seed: int) -> jax.Array:
+    """Calibration LR patches (N, H, W, 3) in [0, 1] from an image folder (`count` random `size` crops),
+    an `.npy` / `.npz` array (N, 3, H, W) in [0, 1], or an official `cali_data_x*.pth` holding {"lq": tensor}."""
+    if source.is_dir():
+        pool = make_pool([read_image(p) for p in list_images(source)], min_size=size)
+        return sample_patches(pool, jax.random.PRNGKey(seed), count, size)[0]
+    if not source.is_file():
+        raise FileNotFoundError(f"no calibration data at {source}")
+    if source.suffix == ".pth":
+        obj = load_pth(source)
+        array = obj.get("lq") if isinstance(obj, dict) else None
+    elif source.suffix in (".npy", ".npz"):
+        loaded = np.load(source, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            array = loaded
+        else:
+            array = loaded["lq"] if "lq" in loaded.files else (loaded[loaded.files[0]] if len(loaded.files) == 1 else None)
+    else:
+        raise ValueError(f"calibration data must be a folder, .npy, .npz or .pth, got {source}")
+    if array is None:
+        raise ValueError(f"{source}: expected one array (or an 'lq' entry) of calibration images")
+    if array.ndim != 4 or array.shape[1] != 3 or not np.all((array >= 0) & (array <= 1)):
+        raise ValueError(f"{source}: expected calibration images shaped (N, 3, H, W) in [0, 1], got {array.shape}")
+    return jnp.asarray(array.transpose(0, 2, 3, 1), jnp.float32)
+
+
+def read_bounds_json(path: Path, model: Model, bits: int) -> dict:
+    named = json.loads(path.read_text())
+    return bounds_from_official(named, model.config, bits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DQC with validation, best-bounds selection and exact resume
+
+
+def _validation_psnr(model: Model, bounds, data_root: Path) -> float:
+    return evaluate_dataset(model._replace(bounds=bounds), data_root, "Set5", show_progress=False)["psnr"]
+
+
+def run_dqc(
+    model: Model, bounds: dict, run: QuantizeConfig, data_root: Path, run_dir: Path
+) -> tuple[dict, dict]:
+    """Train the bounds from `bounds`; returns the best bounds on Set5 and a log of the run.
+
+    Validation runs every `validate_every` steps and at the end; the initial (DOBI) bounds are not candidates,
+    so the result is always a DQC result. Checkpoints every `checkpoint_every` steps resume bit for bit.
+    """
+    dqc = run.dqc
+    train_dir = Path(run.train_dir) if run.train_dir else data_root / "train" / "t291"
+    pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch)
+    key = jax.random.PRNGKey(run.seed)
+    state = (init_state(bounds, dqc), bounds, jnp.asarray(-np.inf), jnp.asarray(0), key)
+    history: list[dict] = []
+    with RunCheckpointer(run_dir, every=run.checkpoint_every) as checkpoints:
+        restored = checkpoints.restore_latest((*state, _history_array(history, dqc.steps)))
+        if restored is not None:
+            *state, saved_history = restored
+            history = _history_from_array(saved_history)
+        dqc_state, best, best_psnr, best_step, key = state
+        start = int(dqc_state.step)
+        with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar:
+            for step in range(start, dqc.steps):
+                images, _ = sample_patches(pool, jax.random.fold_in(key, step), dqc.batch, dqc.patch)
+                dqc_state, terms = dqc_step(model.config, dqc, dqc_state, model.params, images)
+                done = step + 1
+                bar.update(1)
+                if done % run.validate_every == 0 or done == dqc.steps:
+                    psnr = _validation_psnr(model, dqc_state.bounds, data_root)
+                    history.append({"step": done, "loss": float(terms["loss"]), "set5_psnr": psnr})
+                    if psnr > float(best_psnr):
+                        best, best_psnr, best_step = dqc_state.bounds, jnp.asarray(psnr), jnp.asarray(done)
+                    bar.log(loss=float(terms["loss"]), psnr=psnr, best=float(best_psnr))
+                elif done % 10 == 0:
+                    bar.log(loss=float(terms["loss"]))
+                if done % run.checkpoint_every == 0 or done == dqc.steps:
+                    run_state = (dqc_state, best, best_psnr, best_step, key, _history_array(history, dqc.steps))
+                    checkpoints.save(done, run_state, force=True)
+    log = {"best_step": int(best_step), "best_set5_psnr": float(best_psnr), "validation": history,
+           "selection": "highest Set5 PSNR among the validation steps (the initial bounds excluded)"}
+    return best, log
+
+
+def _history_array(history: list[dict], steps: int) -> jax.Array:
+    """Validation history as a fixed-shape array (step, loss, psnr) so it checkpoints with the state."""
+    rows = np.full((steps, 3), np.nan, np.float64)
+    for i, h in enumerate(history):
+        rows[i] = h["step"], h["loss"], h["set5_psnr"]
+    return jnp.asarray(rows, jnp.float32)
+
+
+def _history_from_array(rows) -> list[dict]:
+    rows = np.asarray(rows)
+    return [{"step": int(s), "loss": float(l), "set5_psnr": float(p)} for s, l, p in rows if not np.isnan(s)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
+    """Calibrate (and optionally distill) the bounds, evaluate every stage, and write the run directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model_path = Path(run.model) if run.model else data_root / "weights" / f"swinir_light_x{run.scale}_t291.pth"
+    model = load_model(model_path)
+    if model.config.upscale != run.scale:
+        raise ValueError(f"{model_path} is a x{model.config.upscale} model, but --scale is {run.scale}")
+    for name in run.datasets:  # fail before hours of work, not after
+        benchmark_dir(data_root, name)
+
+    start = init_bounds(model.config, QuantRules.uniform(run.bits))
+    stages: dict[str, dict] = {}
+    if run.import_bounds:
+        stages["imported"] = read_bounds_json(Path(run.import_bounds), model, run.bits)
+    else:
+        calib_path = Path(run.calib) if run.calib else data_root / "calib"
+        images = load_calibration(calib_path, run.calib_patches, run.calib_size, run.seed)
+        search = lambda method: calibrate(
+            model.config, Calibration(method=method, strategy=run.strategy, percentile=run.percentile),
+            model.params, start, images)
+        stages["MinMax"] = search("minmax")
+        if run.method != "minmax":
+            name = {"dobi": f"DOBI-{run.strategy}", "percentile": f"Percentile-{run.percentile:g}"}[run.method]
+            stages[name] = search(run.method)
+
+    dqc_log = None
+    if run.dqc is not None:
+        stages["DQC"], dqc_log = run_dqc(model, list(stages.values())[-1], run, data_root, run_dir)
+    final_name, final = list(stages.items())[-1]
+
+    rows = {"FP": evaluate(model, data_root, run.datasets)}
+    for name, bounds in stages.items():
+        rows[name] = evaluate(model._replace(bounds=bounds), data_root, run.datasets)
+    table = results_table(rows, run.datasets)
+
+    save_model(run_dir / "model", model._replace(bounds=final))
+    if run.export_bounds:
+        Path(run.export_bounds).write_text(json.dumps(bounds_to_official(final), indent=1))
+    comparison_grid(
+        {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
+        load_benchmark(data_root, run.datasets[0], run.scale)[:3], run_dir / "comparison.png",
+    )
+    results = {
+        "config": run.to_dict(),
+        "model": str(model_path),
+        "final_bounds": final_name,
+        "results": rows,
+        "dqc": dqc_log,
+    }
+    write_results(run_dir, results, f"# W{run.bits}A{run.bits} x{run.scale}: PSNR / SSIM (Y)\n\n{table}\n")
+    return results
+

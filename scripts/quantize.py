@@ -1,0 +1,91 @@
+"""Quantize SwinIR-light with 2DQuant: calibrate the bounds (DOBI by default), distill them (DQC), evaluate.
+
+    python scripts/quantize.py --bits 2                   # x4 t291 model, DOBI + DQC, Set5, runs/x4_w2a2
+    python scripts/quantize.py --bits 4 --scale 2 --no-dqc --method minmax
+    python scripts/quantize.py --resume runs/x4_w2a2      # continue a killed run where it stopped
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxquant.cli import main_guard
+from jaxquant.data import resolve_data_root
+from jaxquant.evaluate import results_table
+from jaxquant.pipeline import CALIB_PATCHES, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="weight and activation bits (W=A)")
+    p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
+    p.add_argument("--model", help="checkpoint or .pth (default: <data root>/weights/swinir_light_x<scale>_t291.pth)")
+    p.add_argument("--method", choices=("minmax", "percentile", "dobi"), default="dobi", help="bound initialisation")
+    p.add_argument("--dobi-strategy", choices=("official", "paper"), default="official")
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    p.add_argument("--calib", help="image folder, .npy/.npz (N,3,H,W) in [0,1], or cali_data_x<s>.pth (default: <data root>/calib)")
+    p.add_argument("--calib-patches", type=int, help="patches sampled from a calibration folder (default: by preset)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"DQC settings (default: by backend, now {default_preset()})")
+    p.add_argument("--no-dqc", action="store_true", help="stop after the bound initialisation")
+    p.add_argument("--steps", type=int, help="DQC steps (overrides the preset)")
+    p.add_argument("--loss", choices=("official", "paper"), default="official", help="DQC loss")
+    p.add_argument("--feature-weight", type=float, default=1.0, help="feature term weight of the paper loss")
+    p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
+    p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate")
+    p.add_argument("--import-bounds", help="JSON {official quantizer name: [l, u]} to start from instead of calibrating")
+    p.add_argument("--export-bounds", help="write the final bounds here as JSON, keyed by official quantizer names")
+    p.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")
+    p.add_argument("--run-dir", type=Path, help="output folder (default: runs/x<scale>_w<bits>a<bits>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its settings")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
+    preset = None if args.no_dqc else (args.preset or default_preset())
+    dqc = None
+    if preset:
+        dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight)
+        if args.steps:
+            dqc = dataclasses.replace(dqc, steps=args.steps)
+    count, size = CALIB_PATCHES[preset or "paper"]
+    every = VALIDATE_EVERY[preset or "paper"]
+    return QuantizeConfig(
+        bits=args.bits, scale=args.scale, model=args.model, method=args.method, strategy=args.dobi_strategy,
+        percentile=args.percentile, calib=args.calib, calib_patches=args.calib_patches or count,
+        calib_size=size, dqc=dqc, train_dir=args.train_dir, validate_every=every, checkpoint_every=every,
+        datasets=tuple(d for d in args.datasets.split(",") if d), import_bounds=args.import_bounds,
+        export_bounds=args.export_bounds, seed=args.seed,
+    ), preset
+
+
+def resumed_config(run_dir: Path) -> QuantizeConfig:
+    saved = run_dir / "run_config.json"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a quantize run directory (no run_config.json)")
+    return QuantizeConfig.from_dict(json.loads(saved.read_text()))
+
+
+@main_guard
+def main():
+    args = parse_args()
+    root = resolve_data_root(args.data_root)
+    if args.resume:
+        run_dir, run = args.resume, resumed_config(args.resume)
+        print(f"resuming {run_dir}")
+    else:
+        run, preset = config_from_args(args)
+        run_dir = args.run_dir or Path("runs") / f"x{run.scale}_w{run.bits}a{run.bits}"
+        print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=1))
+    results = quantize_run(run, run_dir, root)
+    print(results_table(results["results"], run.datasets))
+    if results["dqc"]:
+        print(f"DQC bounds kept from step {results['dqc']['best_step']} (best Set5 PSNR during validation)")
+    print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
