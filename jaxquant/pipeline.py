@@ -126,28 +126,29 @@ def _validation_psnr(model: Model, bounds, data_root: Path) -> float:
 
 
 def run_dqc(
-    model: Model, bounds: dict, run: QuantizeConfig, data_root: Path, run_dir: Path
+    model: Model, bounds: dict, run: QuantizeConfig, data_root: Path, run_dir: Path, stop_after: int | None = None
 ) -> tuple[dict, dict]:
     """Train the bounds from `bounds`; returns the best bounds on Set5 and a log of the run.
 
     Validation runs every `validate_every` steps and at the end; the initial (DOBI) bounds are not candidates,
     so the result is always a DQC result. Checkpoints every `checkpoint_every` steps resume bit for bit.
+    `stop_after` ends the run early at that step, checkpointed, as a kill would (`log["completed"]` is False).
     """
     dqc = run.dqc
     train_dir = Path(run.train_dir) if run.train_dir else data_root / "train" / "t291"
     pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch)
     key = jax.random.PRNGKey(run.seed)
-    state = (init_state(bounds, dqc), bounds, jnp.asarray(-np.inf), jnp.asarray(0), key)
-    history: list[dict] = []
+    # dqc_step donates its state: train on a copy, and copy what is kept from it.
+    state = (init_state(_copy(bounds), dqc), bounds, jnp.asarray(-np.inf), jnp.asarray(0), key)
+    history_file = run_dir / "validation.json"
     with RunCheckpointer(run_dir, every=run.checkpoint_every) as checkpoints:
-        restored = checkpoints.restore_latest((*state, _history_array(history, dqc.steps)))
-        if restored is not None:
-            *state, saved_history = restored
-            history = _history_from_array(saved_history)
-        dqc_state, best, best_psnr, best_step, key = state
-        start = int(dqc_state.step)
+        restored = checkpoints.restore_latest(state)
+        dqc_state, best, best_psnr, best_step, key = state if restored is None else restored
+        start, stop = int(dqc_state.step), min(dqc.steps, stop_after or dqc.steps)
+        # The validation log is JSON beside the checkpoints; entries past the restored step never happened.
+        history = [h for h in _read_json(history_file, []) if h["step"] <= start]
         with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar:
-            for step in range(start, dqc.steps):
+            for step in range(start, stop):
                 images, _ = sample_patches(pool, jax.random.fold_in(key, step), dqc.batch, dqc.patch)
                 dqc_state, terms = dqc_step(model.config, dqc, dqc_state, model.params, images)
                 done = step + 1
@@ -156,29 +157,25 @@ def run_dqc(
                     psnr = _validation_psnr(model, dqc_state.bounds, data_root)
                     history.append({"step": done, "loss": float(terms["loss"]), "set5_psnr": psnr})
                     if psnr > float(best_psnr):
-                        best, best_psnr, best_step = dqc_state.bounds, jnp.asarray(psnr), jnp.asarray(done)
+                        best, best_psnr, best_step = _copy(dqc_state.bounds), jnp.asarray(psnr), jnp.asarray(done)
                     bar.log(loss=float(terms["loss"]), psnr=psnr, best=float(best_psnr))
                 elif done % 10 == 0:
                     bar.log(loss=float(terms["loss"]))
-                if done % run.checkpoint_every == 0 or done == dqc.steps:
-                    run_state = (dqc_state, best, best_psnr, best_step, key, _history_array(history, dqc.steps))
-                    checkpoints.save(done, run_state, force=True)
-    log = {"best_step": int(best_step), "best_set5_psnr": float(best_psnr), "validation": history,
+                if done % run.checkpoint_every == 0 or done == stop:
+                    checkpoints.save(done, (dqc_state, best, best_psnr, best_step, key), force=True)
+                    history_file.write_text(json.dumps(history, indent=1))
+    log = {"completed": stop == dqc.steps, "best_step": int(best_step), "best_set5_psnr": float(best_psnr),
+           "validation": history,
            "selection": "highest Set5 PSNR among the validation steps (the initial bounds excluded)"}
     return best, log
 
 
-def _history_array(history: list[dict], steps: int) -> jax.Array:
-    """Validation history as a fixed-shape array (step, loss, psnr) so it checkpoints with the state."""
-    rows = np.full((steps, 3), np.nan, np.float64)
-    for i, h in enumerate(history):
-        rows[i] = h["step"], h["loss"], h["set5_psnr"]
-    return jnp.asarray(rows, jnp.float32)
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
 
 
-def _history_from_array(rows) -> list[dict]:
-    rows = np.asarray(rows)
-    return [{"step": int(s), "loss": float(l), "set5_psnr": float(p)} for s, l, p in rows if not np.isnan(s)]
+def _read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,39 +49,6 @@ class Bounds:
 # The quantizer
 
 
-@jax.custom_jvp
-def round_ste(x: Array) -> Array:
-    """Round half to even, with a straight-through (identity) gradient."""
-    return jnp.round(x)
-
-
-@round_ste.defjvp
-def _round_ste_jvp(primals, tangents):
-    return jnp.round(primals[0]), tangents[0]
-
-
-@jax.custom_vjp
-def clip_official(x: Array, lower: Array, upper: Array) -> Array:
-    """clip(x, l, u) with the gradient rule of the official `Differentiable_Clip`."""
-    return jnp.clip(x, lower, upper)
-
-
-def _clip_fwd(x, lower, upper):
-    return jnp.clip(x, lower, upper), (x, lower, upper)
-
-
-def _clip_bwd(res, g):
-    x, lower, upper = res
-    zero = jnp.zeros_like(g)
-    dx = jnp.where((x >= lower) & (x <= upper), g, zero)
-    dl = jnp.sum(jnp.where(x <= lower, g, zero)).astype(lower.dtype).reshape(lower.shape)
-    du = jnp.sum(jnp.where(x >= upper, g, zero)).astype(upper.dtype).reshape(upper.shape)
-    return dx, dl, du
-
-
-clip_official.defvjp(_clip_fwd, _clip_bwd)
-
-
 def check_bounds(lu, where: str = "bounds") -> None:
     """Raise a one-line ValueError unless `lu` is a finite pair with lower < upper."""
     lu = np.asarray(lu)
@@ -112,10 +79,36 @@ def fake_quant(x: Array, lu: Array, bits: int) -> Array:
         raise ValueError(f"bits must be a positive Python int, got {bits!r}")
     if not isinstance(lu, jax.core.Tracer):
         check_bounds(lu)
-    lower = lu[0].astype(x.dtype)
-    s = step_size(lu, bits).astype(x.dtype)
-    clipped = clip_official(x, lower, lu[1].astype(x.dtype))
-    return s * round_ste(true_divide(clipped - lower, s)) + lower
+    s = step_size(lu, bits).astype(x.dtype)  # autodiff through s gives the affine terms of Eq. 2
+    return _quantize_dequantize(x, lu[0].astype(x.dtype), lu[1].astype(x.dtype), s)
+
+
+@jax.custom_vjp
+def _quantize_dequantize(x: Array, lower: Array, upper: Array, s: Array) -> Array:
+    """s * round((clip(x, l, u) - l) / s) + l, with s an independent input."""
+    return s * jnp.round(true_divide(jnp.clip(x, lower, upper) - lower, s)) + lower
+
+
+def _quantize_dequantize_fwd(x, lower, upper, s):
+    # Only x is kept: the backward recomputes t in its single pass over x, cheaper than storing masks.
+    return _quantize_dequantize(x, lower, upper, s), (x, lower, upper, s)
+
+
+def _quantize_dequantize_bwd(res, g):
+    """Straight-through round and the official clip rule, summed by hand: with t = (clip(x) - l) / s,
+    dx = g [l <= x <= u], dl = sum g [x <= l], du = sum g [x >= u], ds = sum g (round t - t).
+    (The +l and the -l inside cancel for dl; ties count for both bounds.)"""
+    x, lower, upper, s = res
+    zero = jnp.zeros_like(g)
+    t = true_divide(jnp.clip(x, lower, upper) - lower, s)
+    dx = jnp.where((x >= lower) & (x <= upper), g, zero)
+    dl = jnp.sum(jnp.where(x <= lower, g, zero))
+    du = jnp.sum(jnp.where(x >= upper, g, zero))
+    ds = jnp.sum(g * (jnp.round(t) - t))
+    return dx, dl.astype(lower.dtype), du.astype(upper.dtype), ds.astype(s.dtype)
+
+
+_quantize_dequantize.defvjp(_quantize_dequantize_fwd, _quantize_dequantize_bwd)
 
 
 def integer_view(x: Array, lu: Array, bits: int) -> tuple[Array, Array, Array]:

@@ -1,0 +1,104 @@
+"""The quantization pipeline: calibration sources, exact DQC resume, and the CLI end to end."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import DATA_ROOT, require
+from jaxquant.checkpoint import load_model
+from jaxquant.data import list_images, read_image, write_image
+from jaxquant.dqc import DQCConfig
+from jaxquant.pipeline import QuantizeConfig, load_calibration, run_dqc
+from jaxquant.quant import QuantRules, flat_bounds, init_bounds
+from test_convert import assert_one_line_error, run_script
+from weights_convert.torch_pickle import save_pth
+
+
+@pytest.fixture(scope="module")
+def tiny_train_dir(tmp_path_factory):
+    """Three 160x160 crops of training images: LR 40x40 at x4, enough for 16x16 patches."""
+    folder = tmp_path_factory.mktemp("train")
+    for path in list_images(require(DATA_ROOT / "train" / "t291"))[:3]:
+        write_image(folder / path.name, read_image(path)[:160, :160])
+    return folder
+
+
+def test_calibration_sources_agree(tmp_path):
+    batch = np.random.default_rng(0).random((3, 3, 16, 20)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", batch)
+    np.savez(tmp_path / "one.npz", batch)
+    np.savez(tmp_path / "lq.npz", lq=batch, other=batch[:1])
+    save_pth(tmp_path / "cali_data_x4.pth", {"lq": batch})
+    for name in ("calib.npy", "one.npz", "lq.npz", "cali_data_x4.pth"):
+        loaded = load_calibration(tmp_path / name, count=32, size=64, seed=0)
+        np.testing.assert_array_equal(np.asarray(loaded), batch.transpose(0, 2, 3, 1), err_msg=name)
+
+
+def test_calibration_folder_is_sampled_reproducibly():
+    folder = require(DATA_ROOT / "calib")
+    first = load_calibration(folder, count=4, size=32, seed=0)
+    assert first.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(load_calibration(folder, 4, 32, seed=0)))
+    assert not np.array_equal(np.asarray(first), np.asarray(load_calibration(folder, 4, 32, seed=1)))
+
+
+@pytest.mark.parametrize("array", [np.zeros((3, 16, 16)), np.full((1, 3, 8, 8), 2.0), np.zeros((1, 1, 8, 8))])
+def test_bad_calibration_arrays_are_refused(tmp_path, array):
+    np.save(tmp_path / "bad.npy", array.astype(np.float32))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) in \[0, 1\]"):
+        load_calibration(tmp_path / "bad.npy", 32, 64, 0)
+
+
+def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root):
+    model = t291_model(4)
+    start = init_bounds(model.config, QuantRules.uniform(2), fill=(-1.5, 1.5))
+    run = QuantizeConfig(bits=2, scale=4, dqc=DQCConfig(steps=4, batch=2, patch=16), train_dir=str(tiny_train_dir),
+                         validate_every=2, checkpoint_every=2)
+    straight, log = run_dqc(model, start, run, data_root, tmp_path / "straight")
+    _, stopped = run_dqc(model, start, run, data_root, tmp_path / "killed", stop_after=3)
+    assert not stopped["completed"]
+    resumed, resumed_log = run_dqc(model, start, run, data_root, tmp_path / "killed")
+    assert resumed_log["completed"] and log["completed"]
+    assert resumed_log["validation"] == log["validation"]
+    for path, b in flat_bounds(straight).items():
+        np.testing.assert_array_equal(np.asarray(flat_bounds(resumed)[path].lu), np.asarray(b.lu), err_msg=path)
+    moved = [float(np.abs(np.asarray(b.lu) - [-1.5, 1.5]).max()) for b in flat_bounds(straight).values()]
+    assert max(moved) > 0  # the bounds did train
+
+
+def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
+    run_dir = tmp_path / "run"
+    exported = tmp_path / "bounds.json"
+    args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2",
+            "--calib-patches", "2", "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir),
+            "--export-bounds", str(exported)]
+    result = run_script(*args)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results["results"]) == ["FP", "MinMax", "DOBI-official", "DQC"]
+    assert results["dqc"]["best_step"] == 2 and results["final_bounds"] == "DQC"
+    assert results["results"]["FP"]["Set5"]["psnr"] == pytest.approx(28.89, abs=0.01)
+    assert (run_dir / "comparison.png").stat().st_size > 10_000
+    assert "| DQC |" in (run_dir / "results.md").read_text()
+
+    named = json.loads(exported.read_text())
+    assert len(named) == 384 and "layers.3.residual_group.blocks.5.mlp.fc2.act_quantizer" in named
+    saved = load_model(run_dir)
+    assert len(flat_bounds(saved.bounds)) == 384
+    reloaded = {p: b.lu.tolist() for p, b in flat_bounds(saved.bounds).items()}
+    assert sorted(np.ravel(list(reloaded.values()))) == pytest.approx(sorted(np.ravel(list(named.values()))))
+
+    evaluated = run_script("scripts/evaluate.py", "--model", str(run_dir))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"{results['results']['DQC']['Set5']['psnr']:.2f}" in evaluated.stdout
+
+
+def test_quantize_cli_bad_flags_are_one_line(tmp_path):
+    result = run_script("scripts/quantize.py", "--no-dqc", "--calib", str(tmp_path / "nowhere"),
+                        "--run-dir", str(tmp_path / "run"))
+    assert_one_line_error(result, "no calibration data at")
+    result = run_script("scripts/quantize.py", "--no-dqc", "--datasets", "Manga109", "--run-dir", str(tmp_path / "r"))
+    assert_one_line_error(result, "Manga109")
