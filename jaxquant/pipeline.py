@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,16 @@ VALIDATE_EVERY = {"paper": 100, "quick": 40}
 CALIB_PATCHES = {"paper": (32, 64), "quick": (8, 64)}  # (count, size) sampled from a calibration folder
 
 
+class Init(NamedTuple):
+    method: Method
+    strategy: Strategy
+    label: str  # row name in result tables
+
+
+INITS = {"minmax": Init("minmax", "official", "MinMax"), "percentile": Init("percentile", "official", "Percentile"),
+         "dobi-official": Init("dobi", "official", "DOBI-official"), "dobi-paper": Init("dobi", "paper", "DOBI-paper")}
+
+
 def default_preset() -> str:
     """`paper` on an accelerator, `quick` on a CPU."""
     return "quick" if jax.default_backend() == "cpu" else "paper"
@@ -63,6 +73,7 @@ class QuantizeConfig:
     validate_every: int = 100
     checkpoint_every: int = 100
     datasets: tuple[str, ...] = ("Set5",)
+    compare: tuple[str, ...] = ("minmax",)  # other initialisations to evaluate beside `method` (see INITS)
     import_bounds: str | None = None
     export_bounds: str | None = None
     seed: int = 0
@@ -72,7 +83,7 @@ class QuantizeConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantizeConfig":
-        d = dict(d, datasets=tuple(d["datasets"]))
+        d = dict(d, datasets=tuple(d["datasets"]), compare=tuple(d["compare"]))
         return cls(**d | {"dqc": DQCConfig(**d["dqc"]) if d.get("dqc") else None})
 
     def __post_init__(self):
@@ -80,6 +91,13 @@ class QuantizeConfig:
             raise ValueError(f"bits must be 2..8, got {self.bits}")
         if self.scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
+        unknown = set(self.compare) - set(INITS)
+        if unknown:
+            raise ValueError(f"unknown initialisations {sorted(unknown)}; choose from {', '.join(INITS)}")
+
+    @property
+    def init_name(self) -> str:
+        return {"dobi": f"dobi-{self.strategy}"}.get(self.method, self.method)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,13 +217,10 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
     else:
         calib_path = Path(run.calib) if run.calib else data_root / "calib"
         images = load_calibration(calib_path, run.calib_patches, run.calib_size, run.seed)
-        search = lambda method: calibrate(
-            model.config, Calibration(method=method, strategy=run.strategy, percentile=run.percentile),
-            model.params, start, images)
-        stages["MinMax"] = search("minmax")
-        if run.method != "minmax":
-            name = {"dobi": f"DOBI-{run.strategy}", "percentile": f"Percentile-{run.percentile:g}"}[run.method]
-            stages[name] = search(run.method)
+        for init in dict.fromkeys((*run.compare, run.init_name)):  # the main initialisation last
+            method, strategy, label = INITS[init]
+            calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
+            stages[label] = calibrate(model.config, calibration, model.params, start, images)
 
     dqc_log = None
     if run.dqc is not None:

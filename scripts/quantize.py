@@ -33,6 +33,8 @@ def parse_args():
     p.add_argument("--feature-weight", type=float, default=1.0, help="feature term weight of the paper loss")
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
     p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate")
+    p.add_argument("--compare", default="minmax", help="other initialisations to evaluate: comma-separated of "
+                   "minmax, percentile, dobi-official, dobi-paper (default: minmax)")
     p.add_argument("--import-bounds", help="JSON {official quantizer name: [l, u]} to start from instead of calibrating")
     p.add_argument("--export-bounds", help="write the final bounds here as JSON, keyed by official quantizer names")
     p.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")
@@ -56,6 +58,7 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
         percentile=args.percentile, calib=args.calib, calib_patches=args.calib_patches or count,
         calib_size=size, dqc=dqc, train_dir=args.train_dir, validate_every=every, checkpoint_every=every,
         datasets=tuple(d for d in args.datasets.split(",") if d), import_bounds=args.import_bounds,
+        compare=tuple(c for c in args.compare.split(",") if c),
         export_bounds=args.export_bounds, seed=args.seed,
     ), preset
 
