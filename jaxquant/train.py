@@ -32,6 +32,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
+from jaxquant.evaluate import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
 from jaxquant.runs import RunCheckpointer, progress, write_results
@@ -191,20 +192,10 @@ def train_step(state: TrainState, pool: PatchPool, cfg: TrainConfig) -> tuple[Tr
 # Validation
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def upscale(params: Params, lr: Array, config: SwinIRConfig) -> Array:
-    """The float32 model on whole images: (B, H, W, C) in [0, 1] -> (B, sH, sW, C)."""
-    return SwinIR(config).apply({"params": params}, lr)[0]
-
-
 def validate(config: SwinIRConfig, params: Params, images: Sequence[BenchmarkImage]) -> float:
     """Mean Y-PSNR (dB, crop border = scale) over `images`, one whole image at a time."""
-    psnrs = [
-        psnr_y(to_uint8(np.asarray(upscale(params, img.lr[None].astype(np.float32) / 255.0, config))[0]),
-               img.hr, config.upscale)
-        for img in images
-    ]
-    return float(np.mean(psnrs))
+    model = Model(config, params)
+    return float(np.mean([psnr_y(to_uint8(super_resolve(model, img.lr)), img.hr, config.upscale) for img in images]))
 
 
 # ----------------------------------------------------------------------------------------------------------
