@@ -132,3 +132,22 @@ def test_convert_cli_bad_input_is_one_line(tmp_path, case, pattern, state_dict):
     assert_one_line_error(result, pattern)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_classical_pixelshuffle_swinir_round_trips(scale):
+    """The `pixelshuffle` upsampler (classical SwinIR): config inferred back from a state dict, forward shape."""
+    import jax
+
+    from jaxquant.swinir import SwinIR, SwinIRConfig
+
+    config = SwinIRConfig(upscale=scale, embed_dim=12, depths=(2, 2), num_heads=(2, 2), window_size=4,
+                          mlp_ratio=2.0, upsampler="pixelshuffle", num_feat=8)
+    x = jax.numpy.zeros((1, 9, 10, 3))
+    params = SwinIR(config).init(jax.random.PRNGKey(0), x)["params"]
+    state_dict = flax_to_torch(config, params)
+    assert "conv_before_upsample.0.weight" in state_dict and "conv_last.weight" in state_dict
+    assert infer_config(state_dict) == config
+    _, back = torch_to_flax(state_dict)
+    out, _ = SwinIR(config).apply({"params": back}, x)
+    assert out.shape == (1, 9 * scale, 10 * scale, 3)
