@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from typing import Callable
@@ -29,8 +30,13 @@ def device_name() -> str:
     return f"{d.platform}:{d.device_kind} ({jax.device_count()} device(s), jax {jax.__version__})"
 
 
+def peak_host_memory_gib() -> float:
+    """Peak resident memory of this process so far (on CPU backends: the arrays too)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def report(title: str, rows: dict[str, dict], official_s: float | None = None) -> None:
-    print(f"## {title} on {device_name()}")
+    print(f"## {title} on {device_name()}; peak host memory {peak_host_memory_gib():.2f} GiB")
     print("| case | compile (s) | median (ms) | min (ms) | vs official |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
