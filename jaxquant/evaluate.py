@@ -67,6 +67,6 @@ def results_table(rows: Mapping[str, Mapping[str, dict]], datasets: Sequence[str
     header = "| model | " + " | ".join(datasets) + " |"
     lines = [header, "|" + "---|" * (len(datasets) + 1)]
     for name, results in rows.items():
-        cells = [f"{results[d]['psnr']:.2f} / {results[d]['ssim']:.4f}" if d in results else "-" for d in datasets]
+        cells = [f"{results[d]['psnr']:.3f} / {results[d]['ssim']:.4f}" if d in results else "-" for d in datasets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

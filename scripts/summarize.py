@@ -28,7 +28,7 @@ def main():
     lines = [f"| {args.dataset} PSNR / SSIM | " + " | ".join(columns) + " | DQC step kept |",
              "|" + "---|" * (len(columns) + 2)]
     for name, scores, step in rows:
-        cells = [f"{scores[c]['psnr']:.2f} / {scores[c]['ssim']:.4f}" if c in scores else "-" for c in columns]
+        cells = [f"{scores[c]['psnr']:.3f} / {scores[c]['ssim']:.4f}" if c in scores else "-" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {step} |")
     table = "\n".join(lines)
     print(table)

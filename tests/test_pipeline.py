@@ -93,7 +93,7 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
 
     evaluated = run_script("scripts/evaluate.py", "--model", str(run_dir))
     assert evaluated.returncode == 0, evaluated.stderr
-    assert f"{results['results']['DQC']['Set5']['psnr']:.2f}" in evaluated.stdout
+    assert f"{results['results']['DQC']['Set5']['psnr']:.3f}" in evaluated.stdout
 
 
 def test_quantize_cli_bad_flags_are_one_line(tmp_path):
