@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from common import peak_host_memory_gib
 from jaxquant.patches import make_pool
 from jaxquant.train import TrainConfig, init_state, train_step
 
@@ -45,6 +46,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     step = train_step.lower(state, pool, cfg=cfg).compile()  # cfg is baked in: step(state, pool)
     compile_s = time.perf_counter() - started
+    scratch_gib = step.memory_analysis().temp_size_in_bytes / 2**30
     for _ in range(args.warmup):
         state, loss = step(state, pool)
     jax.block_until_ready(state)
@@ -58,11 +60,13 @@ def main(argv=None) -> None:
 
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} ({jax.device_count()} device(s)), jax {jax.__version__}")
-    print("| model | batch | LR patch | dtype | compile (s) | step median (s) | steps/s | patches/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | LR patch | dtype | compile (s) | step median (s) | steps/s | patches/s "
+          "| XLA scratch (GiB) | peak host memory (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| SwinIR-light x{args.scale} | {args.batch} | {args.patch} | {'bf16' if args.bf16 else 'f32'} "
-        f"| {compile_s:.1f} | {step_s:.3f} | {1 / step_s:.3f} | {args.batch / step_s:.1f} |"
+        f"| {compile_s:.1f} | {step_s:.3f} | {1 / step_s:.3f} | {args.batch / step_s:.1f} "
+        f"| {scratch_gib:.2f} | {peak_host_memory_gib():.2f} |"
     )
     print(f"timed {args.steps} steps after {args.warmup} warm-up; final loss {float(loss):.4f}")
 

@@ -8,7 +8,7 @@ bounds as its "bounds" collection. Straight-through gradients come from `jaxquan
 Losses (spec section 5):
 - `official`, exactly as coded: l_pix = mean|O_q - O_fp| / O.numel() * B, plus for each of the 4 stage features
   5 * mean((Fq/nq - F/nf)^2) / numel, where nq, nf are detached per-sample norms shaped (B,1,1,1) divided into
-  features shaped (B, L, C): PyTorch broadcasts that to (B, B, L, C), and so do we, on purpose.
+  features shaped (B, L, C): PyTorch broadcasts that to (B, B, L, C), and so do we, on purpose (in closed form).
 - `paper`: mean|O_q - O_fp| + feature_weight * sum_i mean_b ||F_b/||F_b|| - Fq_b/||Fq_b|| ||_2 / (L_i C_i).
 """
 
@@ -43,6 +43,7 @@ class DQCConfig:
     b2: float = 0.99
     eps: float = 1e-8
     cosine: bool = False  # official: constant LR; paper: cosine decay
+    remat: bool = True  # recompute the student's Swin blocks in the backward (`SwinIR.remat`); same values
 
     def optimizer(self) -> optax.GradientTransformation:
         lr = optax.cosine_decay_schedule(self.lr, self.steps) if self.cosine else self.lr
@@ -54,15 +55,29 @@ def _per_sample_norm(f: Array) -> Array:
     return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(f), axis=(1, 2)))).reshape(-1, 1, 1, 1)
 
 
+def _broadcast_feature_sse(fq: Array, ff: Array) -> Array:
+    """sum over a, b of ||fq_b / nq_a - ff_b / nf_a||^2: the official (B, B, L, C) broadcast, in O(B L C).
+
+    With r_a = nq_a / nf_a, fq_b - r_a ff_b = d_b + (1 - r_a) ff_b for d = fq - ff, so the sum is
+    sum_a (D + 2 (1 - r_a) E + (1 - r_a)^2 F) / nq_a^2 with D = ||d||^2, E = <d, ff>, F = ||ff||^2 over the
+    batch. Differences are formed before squaring, so nothing cancels, and the norms stay detached as in PyTorch.
+    """
+    nq, nf = _per_sample_norm(fq).ravel(), _per_sample_norm(ff).ravel()
+    d = fq - ff
+    one_minus_r = (nf - nq) / nf
+    sse = jnp.sum(jnp.square(d)) + 2 * one_minus_r * jnp.sum(d * ff) + jnp.square(one_minus_r) * jnp.sum(jnp.square(ff))
+    return jnp.sum(sse / jnp.square(nq))
+
+
 def official_loss(out_q, out_fp, feats_q, feats_fp) -> tuple[Array, dict]:
     batch = out_q.shape[0]
     pixel = jnp.mean(jnp.abs(out_q - out_fp)) / out_q.size * batch
     terms = {"pixel": pixel}
     for i, (fq, ff) in enumerate(zip(feats_q, feats_fp)):
-        # (B, L, C) / (B, 1, 1, 1) -> (B, B, L, C): the official broadcasting slip, kept for parity.
-        nq = fq[None] / _per_sample_norm(fq)
-        nf = ff[None] / _per_sample_norm(ff)
-        terms[f"feature_{i}"] = 5.0 * jnp.mean(jnp.square(nq - nf)) / nq.size
+        # The official code divides (B, L, C) features by (B, 1, 1, 1) norms, which PyTorch broadcasts to
+        # (B, B, L, C); kept for parity, without materialising it. mean(.) / numel = sse / numel^2.
+        numel = batch * fq.size
+        terms[f"feature_{i}"] = 5.0 * _broadcast_feature_sse(fq, ff) / numel / numel
     return sum(terms.values()), terms
 
 
@@ -78,7 +93,8 @@ def paper_loss(out_q, out_fp, feats_q, feats_fp, feature_weight: float) -> tuple
 def distillation_loss(bounds, params, images: Array, config: SwinIRConfig, dqc: DQCConfig) -> tuple[Array, dict]:
     """Loss of the fake-quant student against the FP teacher on `images` (B, H, W, C)."""
     out_fp, feats_fp = SwinIR(config).apply({"params": params}, images)
-    out_q, feats_q = SwinIR(config, site=quantized_site).apply({"params": params, "bounds": bounds}, images)
+    student = SwinIR(config, site=quantized_site, remat=dqc.remat)
+    out_q, feats_q = student.apply({"params": params, "bounds": bounds}, images)
     out_fp, feats_fp = jax.lax.stop_gradient((out_fp, feats_fp))
     if dqc.loss == "official":
         return official_loss(out_q, out_fp, feats_q, feats_fp)

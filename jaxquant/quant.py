@@ -90,7 +90,7 @@ def _quantize_dequantize(x: Array, lower: Array, upper: Array, s: Array) -> Arra
 
 
 def _quantize_dequantize_fwd(x, lower, upper, s):
-    # Only x is kept: the backward recomputes t in its single pass over x, cheaper than storing masks.
+    # Only x is kept and t is recomputed from it: cheaper than storing t and the clip masks.
     return _quantize_dequantize(x, lower, upper, s), (x, lower, upper, s)
 
 

@@ -18,7 +18,7 @@ from jaxquant.data import resolve_data_root
 from jaxquant.train import TrainConfig, load_config, preset, train
 
 # flags named after TrainConfig fields; with --resume none may be given (the run dir holds the config)
-CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "warmup", "bf16", "val_every", "ckpt_every", "init", "seed",
+CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "warmup", "bf16", "remat", "val_every", "ckpt_every", "init", "seed",
                 "data_root", "train_dir")
 
 
@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
     p.add_argument("--warmup", type=int, help="linear warmup steps, must be < --steps (preset: 100 at x2, 20)")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 compute, float32 params and loss")
+    p.add_argument("--no-remat", dest="remat", action="store_false", default=None,
+                   help="store block activations instead of recomputing them (faster where memory allows)")
     p.add_argument("--val-every", type=int, help="Set5 validation interval in steps; 0: none")
     p.add_argument("--ckpt-every", type=int, help="checkpoint interval in steps")
     p.add_argument("--init", help="start from this model (.pth, model checkpoint or run dir); an x2 body fits x3/x4")
@@ -39,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/train_x<scale>_<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its own config")
     args = p.parse_args(argv)
-    given = [f"--{flag.replace('_', '-')}" for flag in (*CONFIG_FLAGS, "run_dir") if getattr(args, flag) is not None]
+    spelled = {"remat": "no-remat"}
+    given = [f"--{spelled.get(flag, flag.replace('_', '-'))}" for flag in (*CONFIG_FLAGS, "run_dir")
+             if getattr(args, flag) is not None]
     if args.resume and given:
         p.error(f"--resume takes the config from RUN_DIR; drop {' '.join(given)}")
     return args

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from conftest import nhwc
-from jaxquant.dqc import DQCConfig, dqc_step, init_state, official_loss, paper_loss
-from jaxquant.quant import bounds_from_official, bounds_to_official
+from jaxquant.dqc import DQCConfig, distillation_loss, dqc_step, init_state, official_loss, paper_loss
+from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds
+from jaxquant.swinir import SwinIR, SwinIRConfig
 
 
 def _run_dqc(model, arrays, names, bits, images, steps=3):
     start = {n: [arrays[f"w{bits}_dobi_lb"][i], arrays[f"w{bits}_dobi_ub"][i]] for i, n in enumerate(names)}
-    dqc = DQCConfig()
+    # Stored activations: rematerialising gives the same gradients (test_remat_changes_no_gradient), and
+    # XLA:CPU compiles it ~3x slower at this batch of 2.
+    dqc = DQCConfig(remat=False)
     state = init_state(bounds_from_official(start, model.config, bits), dqc)
     losses = []
     for _ in range(steps):
@@ -83,6 +86,22 @@ def test_dqc_is_chaotic_at_this_tolerance(t291_model, golden, official_dqc):
     assert np.mean(np.abs(bounds - bounds_nudged) <= 1e-4) < 0.98
 
 
+def test_remat_changes_no_gradient():
+    """Bounds and params gradients (DQC and FP training) are the same with the Swin blocks rematerialised."""
+    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 3))
+    params = SwinIR(config).init(jax.random.PRNGKey(1), images)["params"]
+    bounds = init_bounds(config, QuantRules.uniform(2), fill=(-0.5, 0.5))
+
+    def grads(remat):
+        loss = lambda b, p: distillation_loss(b, p, images, config, DQCConfig(remat=remat))[0]
+        return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss, (0, 1)))(bounds, params))])
+
+    stored, recomputed = grads(False), grads(True)
+    assert np.count_nonzero(stored) > stored.size // 2
+    np.testing.assert_allclose(recomputed, stored, rtol=1e-5, atol=1e-6 * np.abs(stored).max())
+
+
 def _features(key, batch=2):
     return [jax.random.normal(jax.random.fold_in(key, i), (batch, 16, 6)) for i in range(4)]
 
@@ -103,6 +122,26 @@ def test_official_loss_by_hand():
         expected += 5 * np.mean(diff**2) / diff.size
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert set(terms) == {"pixel", "feature_0", "feature_1", "feature_2", "feature_3"}
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1e-1])
+def test_official_feature_gradient_by_hand(spread):
+    """The closed form has the broadcast's gradient (norms detached), at least as accurately as the float32
+    (B, B, L, C) broadcast that PyTorch computes, also where student and teacher nearly agree."""
+    ff = jax.random.normal(jax.random.PRNGKey(4), (3, 16, 6))
+    fq = ff * (1 + spread * jax.random.normal(jax.random.PRNGKey(5), ff.shape))
+    out = jnp.zeros((3, 4, 4, 3))
+    closed = jax.grad(lambda q: official_loss(out, out, [q], [ff])[0])(fq)
+
+    norm = lambda f: jax.lax.stop_gradient(jnp.linalg.norm(f, axis=(1, 2)))[:, None, None, None]
+    broadcast = lambda q: 5.0 * jnp.mean(jnp.square(q[None] / norm(q) - ff[None] / norm(ff))) / (3 * ff.size)
+    broadcast_grad = jax.grad(broadcast)(fq)
+    q, f = np.asarray(fq, np.float64), np.asarray(ff, np.float64)
+    nq, nf = (np.linalg.norm(x, axis=(1, 2))[:, None, None, None] for x in (q, f))
+    diff = q[None] / nq - f[None] / nf  # element [a, b] = F[b] / n[a]
+    expected = 5 * np.sum(2 * diff / nq, axis=0) / diff.size**2
+    error = lambda g: np.abs(np.asarray(g, np.float64) - expected).max() / np.abs(expected).max()
+    assert error(closed) <= error(broadcast_grad), (error(closed), error(broadcast_grad))
 
 
 def test_paper_loss_by_hand():
