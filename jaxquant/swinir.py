@@ -284,15 +284,15 @@ class BasicLayer(nn.Module):
         cfg, ws = self.config, self.config.window_size
         # Inputs are flip-padded to a multiple of the window, so the window never shrinks: the official
         # model, built for 64x64 patches, keeps window 8 and shift 4 at every test size too.
+        # Only pure applies are rematerialised: a custom VJP cannot carry mutations (DOBI's bound search,
+        # `sow`) out of the block.
+        remat = self.remat and is_filter_empty(self.scope.mutable)
         for j in range(self.depth):
             block = SwinBlock(
                 cfg.embed_dim, self.num_heads, ws, ws // 2 if j % 2 else 0, cfg.mlp_hidden, self.site,
                 self.dtype, name=f"blocks_{j}",
             )
-            # Only pure applies are rematerialised: a custom VJP cannot carry mutations (DOBI's bound search,
-            # `sow`) out of the block.
-            pure = is_filter_empty(self.scope.mutable)
-            x = rematerialized(block, x, hw) if self.remat and pure else block(x, hw)
+            x = rematerialized(block, x, hw) if remat else block(x, hw)
         return x
 
 
