@@ -68,22 +68,36 @@ def test_three_steps_move_the_bounds_like_official(scale, bits, official_dqc):
 @BITS
 @pytest.mark.xfail(strict=True, reason=(
     "4-bit and 2-bit fake-quant forwards are chaotic at this tolerance: measured 51-64% of the 768 scalars within "
-    "1e-4 (79-97% within 1e-3), step-1 losses within 4e-4 relative; perturbing our own input by 1e-6 leaves only "
-    "53% of our own scalars within 1e-4 (test_dqc_is_chaotic_at_this_tolerance)"))
+    "1e-4 (79-97% within 1e-3), step-1 losses within 4e-4 relative; two of our own runs whose inputs differ by "
+    "1e-6 agree on only 41-69% (test_every_differing_scalar_is_unstable_in_our_port)"))
 def test_three_steps_match_official_bounds(scale, bits, official_dqc):
     losses, bounds, expected_losses, expected, _ = official_dqc(scale, bits)
     assert np.mean(np.abs(bounds - expected) <= 1e-4) >= 0.98
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-3)
 
 
-def test_dqc_is_chaotic_at_this_tolerance(t291_model, golden, official_dqc):
-    """Why the 1e-4 criterion is out of reach: a 1e-6 change of the input moves our own result as much."""
-    arrays, meta = golden(4)
+@BITS
+def test_every_differing_scalar_is_unstable_in_our_port(scale, bits, t291_model, golden, official_dqc):
+    """Why scalars miss the 1e-4 criterion, one by one: rerun our three steps on the golden batch plus 1e-6 noise
+    (three seeds). A scalar that differs from the official one by > 1e-4 is explained when our own four runs
+    spread by > 1e-4 there too: the official run is then just one more sample of the same noise. Measured
+    (six seeds): 98.8% of the 1,297 differing scalars are explained this way, 94-100% per case with three
+    seeds; our runs agree with each other on 41-69% of the scalars, against 51-64% with the official code."""
+    arrays, meta = golden(scale)
     images = nhwc(arrays["dqc_batch"])
-    nudged = jnp.clip(images + 1e-6 * jax.random.normal(jax.random.PRNGKey(0), images.shape), 0.0, 1.0)
-    _, bounds_nudged = _run_dqc(t291_model(4), arrays, meta["quantizers"]["2"], 2, nudged)
-    _, bounds, _, _, _ = official_dqc(4, 2)
-    assert np.mean(np.abs(bounds - bounds_nudged) <= 1e-4) < 0.98
+    _, bounds, _, expected, _ = official_dqc(scale, bits)
+    runs = [bounds]
+    for seed in (1, 2, 3):
+        noise = 1e-6 * jax.random.normal(jax.random.PRNGKey(seed), images.shape)
+        runs.append(_run_dqc(t291_model(scale), arrays, meta["quantizers"][str(bits)], bits,
+                             jnp.clip(images + noise, 0.0, 1.0))[1])
+    runs = np.stack(runs)
+    differ = np.abs(bounds - expected) > 1e-4
+    unstable = np.ptp(runs, axis=0) > 1e-4
+    explained = np.mean(unstable[differ])
+    assert explained >= 0.9, f"x{scale} W{bits}: only {explained:.1%} of the {differ.sum()} differing scalars are unstable"
+    self_agreement = max(np.mean(np.abs(a - b) <= 1e-4) for i, a in enumerate(runs) for b in runs[i + 1:])
+    assert self_agreement < 0.98, f"x{scale} W{bits}: our runs agree on {self_agreement:.1%} within 1e-4"
 
 
 def test_remat_changes_no_gradient():
