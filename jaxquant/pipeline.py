@@ -157,7 +157,7 @@ def run_dqc(
     pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
-    state = (init_state(_copy(bounds), dqc), bounds, jnp.asarray(-np.inf), jnp.asarray(0), key)
+    state = (init_state(_copy(bounds), dqc), bounds, jnp.float32(-np.inf), jnp.int32(0), key)
     history_file = run_dir / "validation.json"
     with RunCheckpointer(run_dir, every=run.checkpoint_every) as checkpoints:
         restored = checkpoints.restore_latest(state)
@@ -175,7 +175,7 @@ def run_dqc(
                     psnr = _validation_psnr(model, dqc_state.bounds, data_root)
                     history.append({"step": done, "loss": float(terms["loss"]), "set5_psnr": psnr})
                     if psnr > float(best_psnr):
-                        best, best_psnr, best_step = _copy(dqc_state.bounds), jnp.asarray(psnr), jnp.asarray(done)
+                        best, best_psnr, best_step = _copy(dqc_state.bounds), jnp.float32(psnr), jnp.int32(done)
                     bar.log(loss=float(terms["loss"]), psnr=psnr, best=float(best_psnr))
                 elif done % 10 == 0:
                     bar.log(loss=float(terms["loss"]))

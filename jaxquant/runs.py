@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
@@ -23,6 +25,16 @@ def _is_typed_key(x: Any) -> bool:
 def _keys_to_data(tree: Any) -> Any:
     """New-style PRNG keys -> their uint32 key data (orbax stores plain arrays only)."""
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _placed_like(target: Any, value: np.ndarray) -> Any:
+    """A restored host array as an array like `target`: committed to its device only if `target` is, a typed
+    PRNG key if `target` is one."""
+    if _is_typed_key(target):
+        return jax.random.wrap_key_data(_placed_like(jax.random.key_data(target), value), impl=jax.random.key_impl(target))
+    if isinstance(target, jax.Array) and target.committed:
+        return jax.device_put(value, target.sharding)
+    return jnp.asarray(value)
 
 
 class RunCheckpointer:
@@ -44,17 +56,16 @@ class RunCheckpointer:
         return self._manager.latest_step()
 
     def restore_latest(self, target: Any) -> Any | None:
-        """The latest saved state, with the structure, dtypes and key types of `target`; None if none saved."""
+        """The latest saved state, with the structure, dtypes, key types and placement of `target`; None if
+        none saved. Placement matters: orbax restores arrays committed to a device, and jit compiles afresh for
+        committed arguments where the fresh state was uncommitted (a resumed DQC run compiled everything twice).
+        """
         step = self._manager.latest_step()
         if step is None:
             return None
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(target))
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return jax.tree.map(
-            lambda t, r: jax.random.wrap_key_data(r, impl=jax.random.key_impl(t)) if _is_typed_key(t) else r,
-            target,
-            restored,
-        )
+        host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _keys_to_data(target))
+        restored = self._manager.restore(step, args=ocp.args.StandardRestore(host))
+        return jax.tree.map(_placed_like, target, restored)
 
     def close(self) -> None:
         self._manager.close()

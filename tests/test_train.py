@@ -106,6 +106,24 @@ def test_killed_run_resumes_bit_for_bit(tiny_root, tmp_path):
     assert (tmp_path / "cut" / "results.json").read_text() == written
 
 
+def test_restored_state_is_placed_like_the_fresh_one(tmp_path):
+    """Orbax restores committed arrays; jit would compile afresh for them where the fresh state was not."""
+    fresh = {"step": jnp.int32(3), "bounds": jnp.arange(4.0), "key": jax.random.key(7), "raw": jax.random.PRNGKey(1),
+             "pinned": jax.device_put(jnp.ones(2), jax.devices()[0])}
+    with RunCheckpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(1, fresh)
+        restored = ckpt.restore_latest(fresh)
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x + 1, s))
+    step(fresh)
+    step(restored)
+    assert step._cache_size() == 1
+    for name, x in fresh.items():
+        y = restored[name]
+        assert (y.dtype, y.committed) == (x.dtype, x.committed), name
+    assert_trees_equal({k: v for k, v in fresh.items() if k != "key"}, {k: v for k, v in restored.items() if k != "key"})
+    np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(fresh["key"]))
+
+
 def test_run_dir_guards(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root)
     with pytest.raises(FileNotFoundError, match="not a training run"):
