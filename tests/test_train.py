@@ -113,10 +113,10 @@ def test_restored_state_is_placed_like_the_fresh_one(tmp_path):
     with RunCheckpointer(tmp_path, every=1) as ckpt:
         ckpt.save(1, fresh)
         restored = ckpt.restore_latest(fresh)
-    step = jax.jit(lambda s: jax.tree.map(lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x + 1, s))
+    step = jax.jit(lambda state: state)
     step(fresh)
     step(restored)
-    assert step._cache_size() == 1
+    assert step._cache_size() == 1  # one compilation for both
     for name, x in fresh.items():
         y = restored[name]
         assert (y.dtype, y.committed) == (x.dtype, x.committed), name
