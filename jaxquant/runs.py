@@ -31,7 +31,8 @@ def _placed_like(target: Any, value: np.ndarray) -> Any:
     """A restored host array as an array like `target`: committed to its device only if `target` is, a typed
     PRNG key if `target` is one."""
     if _is_typed_key(target):
-        return jax.random.wrap_key_data(_placed_like(jax.random.key_data(target), value), impl=jax.random.key_impl(target))
+        data = _placed_like(jax.random.key_data(target), value)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(target))
     if isinstance(target, jax.Array) and target.committed:
         return jax.device_put(value, target.sharding)
     return jnp.asarray(value)
