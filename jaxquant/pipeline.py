@@ -154,7 +154,7 @@ def run_dqc(
     """
     dqc = run.dqc
     train_dir = Path(run.train_dir) if run.train_dir else data_root / "train" / "t291"
-    pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch)
+    pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch, keep_hr=False)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
     state = (init_state(_copy(bounds), dqc), bounds, jnp.float32(-np.inf), jnp.int32(0), key)

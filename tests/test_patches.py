@@ -122,3 +122,17 @@ def test_pool_from_folder_is_matlab_bicubic(tmp_path):
         np.testing.assert_array_equal(lr_img, imresize(images[i][: 3 * lr_img.shape[0], : 3 * lr_img.shape[1]], 1 / 3))
         np.testing.assert_array_equal(pool.lr[i, : lr_img.shape[0], : lr_img.shape[1]], lr_img)
         np.testing.assert_array_equal(pool.hr[i, : hr_img.shape[0], : hr_img.shape[1]], hr_img)
+
+
+def test_lr_only_pool_draws_the_same_lr_patches(tmp_path):
+    rng = np.random.default_rng(1)
+    for i, shape in enumerate(((40, 33, 3), (27, 45, 3), (36, 36, 3))):
+        write_image(tmp_path / f"{i}.png", rng.integers(0, 256, shape, np.uint8))
+    paired = lr_pool_from_folder(tmp_path, 3, min_size=8)
+    lr_only = lr_pool_from_folder(tmp_path, 3, min_size=8, keep_hr=False)
+    assert lr_only.hr is None
+    key = jax.random.PRNGKey(5)
+    lr, hr = sample_patches(paired, key, 6, 8)
+    lr_alone, no_hr = sample_patches(lr_only, key, 6, 8)
+    assert hr.shape == (6, 24, 24, 3) and no_hr is None
+    np.testing.assert_array_equal(lr_alone, lr)
