@@ -83,6 +83,19 @@ def fake_quant(x: Array, lu: Array, bits: int) -> Array:
     return _quantize_dequantize(x, lu[0].astype(x.dtype), lu[1].astype(x.dtype), s)
 
 
+def _sum_together(*arrays: Array) -> tuple[Array, ...]:
+    """The sums of same-shaped arrays in one pass over their inputs. Separate sums make XLA:CPU write each
+    masked array out before reducing it (~4% of a DQC step). A variadic reduce over the last axis, then a
+    sum of the rows: one running sum over the whole tensor would lose float32 precision."""
+    rows = jax.lax.reduce(
+        tuple(a.reshape(-1, a.shape[-1] if a.ndim else 1) for a in arrays),
+        tuple(jnp.zeros((), a.dtype) for a in arrays),
+        lambda acc, a: tuple(p + q for p, q in zip(acc, a)),
+        (1,),
+    )
+    return tuple(jnp.sum(r) for r in rows)
+
+
 @jax.custom_vjp
 def _quantize_dequantize(x: Array, lower: Array, upper: Array, s: Array) -> Array:
     """s * round((clip(x, l, u) - l) / s) + l, with s an independent input."""
@@ -102,9 +115,9 @@ def _quantize_dequantize_bwd(res, g):
     zero = jnp.zeros_like(g)
     t = true_divide(jnp.clip(x, lower, upper) - lower, s)
     dx = jnp.where((x >= lower) & (x <= upper), g, zero)
-    dl = jnp.sum(jnp.where(x <= lower, g, zero))
-    du = jnp.sum(jnp.where(x >= upper, g, zero))
-    ds = jnp.sum(g * (jnp.round(t) - t))
+    dl, du, ds = _sum_together(
+        jnp.where(x <= lower, g, zero), jnp.where(x >= upper, g, zero), g * (jnp.round(t) - t)
+    )
     return dx, dl.astype(lower.dtype), du.astype(upper.dtype), ds.astype(s.dtype)
 
 
