@@ -84,12 +84,13 @@ def fake_quant(x: Array, lu: Array, bits: int) -> Array:
 
 
 def _sum_together(*arrays: Array) -> tuple[Array, ...]:
-    """The sums of same-shaped arrays in one pass over their inputs. Separate sums make XLA:CPU write each
-    masked array out before reducing it (~4% of a DQC step). A variadic reduce over the last axis, then a
-    sum of the rows: one running sum over the whole tensor would lose float32 precision."""
+    """The sums of same-shaped arrays in one pass over their inputs, accumulated in at least float32. Separate
+    sums make XLA:CPU write each masked array out before reducing it (~4% of a DQC step). A variadic reduce
+    over the last axis, then a sum of the rows: one running sum over the whole tensor would lose precision."""
+    dtype = jnp.promote_types(arrays[0].dtype, jnp.float32)
     rows = jax.lax.reduce(
-        tuple(a.reshape(-1, a.shape[-1] if a.ndim else 1) for a in arrays),
-        tuple(jnp.zeros((), a.dtype) for a in arrays),
+        tuple(a.astype(dtype).reshape(-1, a.shape[-1] if a.ndim else 1) for a in arrays),
+        (jnp.zeros((), dtype),) * len(arrays),
         lambda acc, a: tuple(p + q for p, q in zip(acc, a)),
         (1,),
     )
