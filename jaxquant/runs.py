@@ -38,6 +38,27 @@ def _placed_like(target: Any, value: np.ndarray) -> Any:
     return jnp.asarray(value)
 
 
+def _pack(tree: Any) -> dict[str, np.ndarray]:
+    """The leaves of `tree` (keys as key data) in one flat host array per dtype. Orbax spends about a
+    millisecond per leaf, and a DQC state has ~1,500 small ones (1.5 s a save on a 2-core CPU)."""
+    groups: dict[str, list] = {}
+    for leaf in jax.tree.leaves(_keys_to_data(tree)):
+        groups.setdefault(np.dtype(leaf.dtype).name, []).append(np.ravel(leaf))
+    return {dtype: np.concatenate(parts) for dtype, parts in groups.items()}
+
+
+def _unpack(packed: dict[str, np.ndarray], target: Any) -> Any:
+    """The inverse of `_pack`: host arrays shaped as `target`'s leaves (keys as key data)."""
+    leaves, treedef = jax.tree.flatten(_keys_to_data(target))
+    offsets = dict.fromkeys(packed, 0)
+    out = []
+    for leaf in leaves:
+        dtype = np.dtype(leaf.dtype).name
+        out.append(packed[dtype][offsets[dtype] : offsets[dtype] + leaf.size].reshape(leaf.shape))
+        offsets[dtype] += leaf.size
+    return treedef.unflatten(out)
+
+
 class RunCheckpointer:
     """Saves a train-state pytree under `<run_dir>/checkpoints/<step>` every `every` steps, keeping `keep`."""
 
@@ -47,11 +68,13 @@ class RunCheckpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=False
         )
-        self._manager = ocp.CheckpointManager(Path(run_dir).resolve() / "checkpoints", options=options)
+        self._manager = ocp.CheckpointManager(
+            Path(run_dir).resolve() / "checkpoints", options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
         """Save `state` as `step` if `step` is on the interval (or `force`); True if it saved."""
-        return self._manager.save(step, args=ocp.args.StandardSave(_keys_to_data(state)), force=force)
+        return self._manager.save(step, args=ocp.args.StandardSave(_pack(state)), force=force)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -64,9 +87,12 @@ class RunCheckpointer:
         step = self._manager.latest_step()
         if step is None:
             return None
-        host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _keys_to_data(target))
+        host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), _pack(target))
+        saved = {dtype: tuple(array.shape) for dtype, array in self._manager.item_metadata(step).items()}
+        if saved != {dtype: array.shape for dtype, array in host.items()}:  # orbax would truncate a longer array
+            raise ValueError(f"{self._manager.directory / str(step)} holds another kind of run state (saved array sizes {saved})")
         restored = self._manager.restore(step, args=ocp.args.StandardRestore(host))
-        return jax.tree.map(_placed_like, target, restored)
+        return jax.tree.map(_placed_like, target, _unpack(restored, target))
 
     def close(self) -> None:
         self._manager.close()

@@ -125,6 +125,14 @@ def test_restored_state_is_placed_like_the_fresh_one(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(fresh["key"]))
 
 
+def test_a_checkpoint_of_another_state_is_refused(tmp_path):
+    with RunCheckpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(1, {"bounds": jnp.arange(6.0), "step": jnp.int32(1)})
+        with pytest.raises(ValueError, match="another kind of run state"):
+            ckpt.restore_latest({"bounds": jnp.arange(4.0), "step": jnp.int32(1)})
+        assert ckpt.restore_latest({"bounds": jnp.zeros(6), "step": jnp.int32(0)})["step"] == 1
+
+
 def test_run_dir_guards(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root)
     with pytest.raises(FileNotFoundError, match="not a training run"):
