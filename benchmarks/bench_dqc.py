@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dqc.py                             # x4, batch 4, 32x32 (official on this CPU class: 1,948 ms)
     python benchmarks/bench_dqc.py --scale 2 --batch 16 --size 64   # official on an H100: 559 ms
+    python benchmarks/bench_dqc.py --trace /tmp/dqc_trace     # also a profile of 3 steps (Perfetto / TensorBoard)
 """
 
 import argparse
@@ -24,13 +25,18 @@ def parser(runs: int = 10) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--runs", type=int, default=runs)
-    p.add_argument("--no-remat", dest="remat", action="store_false", help="store the student's activations")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, help="recompute the student's activations "
+                   "(default: by backend, see DQCConfig.block_execution)")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="the Swin blocks as a lax.scan (default: by backend)")
+    p.add_argument("--matmul-precision", choices=("default", "tensorfloat32", "float32"), default="default",
+                   help="jax_default_matmul_precision (on NVIDIA GPUs since Ampere, 'default' is TF32)")
+    p.add_argument("--trace", metavar="DIR", help="write a profiler trace of 3 timed steps here")
     return p
 
 
 def setup(args: argparse.Namespace):
     """`(step, step_args)`: a jitted DQC step (without donation, so every timed call gets the same state)."""
-    config, dqc = swinir_light(args.scale), DQCConfig(remat=args.remat)
+    config, dqc = swinir_light(args.scale), DQCConfig(remat=args.remat, scan=args.scan)
     images = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3))
     params = jax.jit(SwinIR(config).init)(jax.random.PRNGKey(1), images[:1])["params"]
     bounds = init_bounds(config, QuantRules.uniform(args.bits), fill=(-2.0, 2.0))
@@ -39,16 +45,24 @@ def setup(args: argparse.Namespace):
 
 
 def title(args: argparse.Namespace) -> str:
-    remat = "" if args.remat else ", activations stored"
-    return f"DQC step x{args.scale}, batch {args.batch}, {args.size}x{args.size}, W{args.bits}A{args.bits}{remat}"
+    remat, scan = DQCConfig(remat=args.remat, scan=args.scan).block_execution()
+    blocks = (", activations recomputed" if remat else ", activations stored") + (", scanned" if scan else ", unrolled")
+    precision = "" if args.matmul_precision == "default" else f", {args.matmul_precision} matmuls"
+    return f"DQC step x{args.scale}, batch {args.batch}, {args.size}x{args.size}, W{args.bits}A{args.bits}{blocks}{precision}"
 
 
 def main():
     args = parser().parse_args()
+    if args.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     step, step_args = setup(args)
     result = time_compiled(step, *step_args, runs=args.runs)
     official = OFFICIAL_S.get((jax.default_backend(), args.scale, args.batch, args.size))
     report(title(args), {"dqc_step": result}, official)
+    if args.trace:
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            for _ in range(3):
+                jax.block_until_ready(step(*step_args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 XLA:CPU allocates a step's scratch ("temp") buffer afresh on every call, so each page of it costs a page fault
 per step: with stored activations (1.8 GB) that was ~460k faults and ~0.8 s of system time per step; with the
-blocks rematerialised (`jaxquant.swinir.rematerialized`, the default) it stays near 120 MB and ~30k faults.
+blocks recomputed (`jaxquant.swinir.run_blocks`, the CPU default) it stays near 120 MB and ~30k faults.
 """
 
 import collections

@@ -36,7 +36,9 @@ def peak_host_memory_gib() -> float:
 
 
 def report(title: str, rows: dict[str, dict], official_s: float | None = None) -> None:
-    print(f"## {title} on {device_name()}; peak host memory {peak_host_memory_gib():.2f} GiB")
+    device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    device_memory = f", peak device memory {device_peak / 2**30:.2f} GiB" if device_peak else ""
+    print(f"## {title} on {device_name()}; peak host memory {peak_host_memory_gib():.2f} GiB{device_memory}")
     print("| case | compile (s) | median (ms) | min (ms) | vs official |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():

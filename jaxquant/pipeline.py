@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -212,6 +213,8 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
 
     start = init_bounds(model.config, QuantRules.uniform(run.bits))
     stages: dict[str, dict] = {}
+    clock = time.perf_counter()
+    seconds = {}  # wall time of each phase in this process, compilation included
     if run.import_bounds:
         stages["imported"] = read_bounds_json(Path(run.import_bounds), model, run.bits)
     else:
@@ -220,17 +223,20 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
         for init in dict.fromkeys((*run.compare, run.init_name)):  # the main initialisation last
             method, strategy, label = INITS[init]
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
-            stages[label] = calibrate(model.config, calibration, model.params, start, images)
+            stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
+    seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
 
     dqc_log = None
     if run.dqc is not None:
         stages["DQC"], dqc_log = run_dqc(model, list(stages.values())[-1], run, data_root, run_dir)
+        seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 
     rows = {"FP": evaluate(model, data_root, run.datasets)}
     for name, bounds in stages.items():
         rows[name] = evaluate(model._replace(bounds=bounds), data_root, run.datasets)
     table = results_table(rows, run.datasets)
+    seconds["evaluation"] = time.perf_counter() - clock
 
     save_model(run_dir / "model", model._replace(bounds=final))
     if run.export_bounds:
@@ -245,6 +251,8 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
         "final_bounds": final_name,
         "results": rows,
         "dqc": dqc_log,
+        "seconds": seconds,
+        "device": str(jax.devices()[0].device_kind),
     }
     write_results(run_dir, results, f"# W{run.bits}A{run.bits} x{run.scale}: PSNR / SSIM (Y)\n\n{table}\n")
     return results

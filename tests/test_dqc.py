@@ -7,7 +7,7 @@ import pytest
 
 from conftest import nhwc
 from jaxquant.dqc import DQCConfig, distillation_loss, dqc_step, init_state, official_loss, paper_loss
-from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds
+from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, quantized_site
 from jaxquant.swinir import SwinIR, SwinIRConfig
 
 
@@ -104,20 +104,38 @@ def test_every_differing_scalar_is_unstable_in_our_port(scale, bits, t291_model,
     assert self_agreement < 0.98, f"x{scale} W{bits}: our runs agree on {self_agreement:.1%} within 1e-4"
 
 
-def test_remat_changes_no_gradient():
-    """Bounds and params gradients (DQC and FP training) are the same with the Swin blocks rematerialised."""
-    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
+@pytest.mark.parametrize("remat, scan", [(True, True), (True, False), (False, True)])
+def test_block_execution_changes_no_gradient(remat, scan):
+    """Bounds and params gradients (DQC and FP training) are those of the plain unrolled blocks with stored
+    activations, with the blocks recomputed, scanned, or both. Three blocks: a scanned pair and one unrolled."""
+    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(3,), num_heads=(2,), window_size=4)
     images = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 3))
     params = SwinIR(config).init(jax.random.PRNGKey(1), images)["params"]
     bounds = init_bounds(config, QuantRules.uniform(2), fill=(-0.5, 0.5))
 
-    def grads(remat):
-        loss = lambda b, p: distillation_loss(b, p, images, config, DQCConfig(remat=remat))[0]
+    def grads(remat, scan):
+        loss = lambda b, p: distillation_loss(b, p, images, config, DQCConfig(remat=remat, scan=scan))[0]
         return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss, (0, 1)))(bounds, params))])
 
-    stored, recomputed = grads(False), grads(True)
-    assert np.count_nonzero(stored) > stored.size // 2
-    np.testing.assert_allclose(recomputed, stored, rtol=1e-5, atol=1e-6 * np.abs(stored).max())
+    plain, other = grads(False, False), grads(remat, scan)
+    assert np.count_nonzero(plain) > plain.size // 2
+    np.testing.assert_allclose(other, plain, rtol=1e-5, atol=1e-6 * np.abs(plain).max())
+
+
+def test_blocks_whose_sites_differ_run_unscanned():
+    """A pair quantized at other bits than the first cannot share its scan; the forward is still the same."""
+    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(4,), num_heads=(2,), window_size=4)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (1, 8, 8, 3))
+    params = SwinIR(config).init(jax.random.PRNGKey(1), images)["params"]
+
+    def forward(rules, scan):
+        variables = {"params": params, "bounds": init_bounds(config, rules, fill=(-0.5, 0.5))}
+        return SwinIR(config, site=quantized_site, scan=scan).apply(variables, images)[0]
+
+    mixed = QuantRules(rules=((r".*blocks_3/.*", 4), (r".*", 2)))
+    assert "scan" in str(jax.make_jaxpr(lambda: forward(QuantRules.uniform(2), True))())
+    assert "scan" not in str(jax.make_jaxpr(lambda: forward(mixed, True))())
+    np.testing.assert_array_equal(forward(mixed, True), forward(mixed, False))
 
 
 def _features(key, batch=2):

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks of the DQC issue, each sized for one call on a short GPU lease:
+#
+#   bash benchmarks/gpu_checks.sh step OUT_DIR
+#       a DQC step at x2, batch 16, 64x64, W2A2 as DQCConfig runs it on an accelerator (blocks unrolled,
+#       activations stored): compile time, median of 20, peak memory, a profiler trace of 3 steps; then, as
+#       time allows, with the blocks scanned and recomputed, and with float32 matmuls (default: TF32).
+#   bash benchmarks/gpu_checks.sh preset OUT_DIR [DATA_ROOT] [CALIB]
+#       the `paper` preset for x4 W2A2 end to end (scripts/quantize.py); about 10 minutes on an H100.
+#
+# BUDGET_S (default 560) caps a call. OUT_DIR receives bench.log and trace.json.gz, or preset.log,
+# results.json, validation.json and comparison.png.
+set -u
+mode=${1:?usage: gpu_checks.sh step|preset OUT_DIR [DATA_ROOT] [CALIB]}
+out=${2:?usage: gpu_checks.sh step|preset OUT_DIR [DATA_ROOT] [CALIB]}
+budget=${BUDGET_S:-560}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+left() { echo $((budget - SECONDS)); }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/bench.log" 2>&1
+python -c "import jax; print('jax', jax.__version__, jax.devices())" >>"$out/bench.log" 2>&1
+
+bench() {  # bench_dqc.py at x2, batch 16, 64x64 with extra flags, appended to bench.log
+    (cd benchmarks && timeout "$1" python bench_dqc.py --scale 2 --batch 16 --size 64 --runs 20 "${@:2}") \
+        >>"$out/bench.log" 2>&1 || echo "bench ${*:2}: exit $?" >>"$out/bench.log"
+}
+
+case $mode in
+step)
+    bench 180 --trace /tmp/dqc_trace
+    find /tmp/dqc_trace -name '*perfetto_trace.json.gz' -exec cp {} "$out/trace.json.gz" \; 2>/dev/null
+    if [ "$(left)" -gt 100 ]; then bench "$(($(left) - 10))" --scan --remat; fi
+    if [ "$(left)" -gt 100 ]; then bench "$(($(left) - 10))" --matmul-precision float32; fi
+    ;;
+preset)
+    data=${3:-../shared/data}
+    calib=${4:+--calib $4}
+    timeout "$(($(left) - 10))" python scripts/quantize.py --bits 2 --scale 4 --preset paper \
+        --data-root "$data" $calib --run-dir /tmp/x4_w2a2_paper >"$out/preset.log" 2>&1
+    echo "preset: exit $? after ${SECONDS}s" >>"$out/bench.log"
+    for f in results.json validation.json comparison.png; do cp "/tmp/x4_w2a2_paper/$f" "$out/" 2>/dev/null; done
+    tail -c 1500 "$out/preset.log"
+    cat /tmp/x4_w2a2_paper/results.md 2>/dev/null
+    ;;
+*)
+    echo "unknown mode $mode (step or preset)" >&2
+    exit 2
+    ;;
+esac
+cat "$out/bench.log"
