@@ -103,10 +103,12 @@ def paper_loss(out_q, out_fp, feats_q, feats_fp, feature_weight: float) -> tuple
 
 
 def distillation_loss(bounds, params, images: Array, config: SwinIRConfig, dqc: DQCConfig) -> tuple[Array, dict]:
-    """Loss of the fake-quant student against the FP teacher on `images` (B, H, W, C)."""
-    out_fp, feats_fp = SwinIR(config).apply({"params": params}, images)
+    """Loss of the fake-quant student against the FP teacher on `images` (B, H, W, C), computed in the images'
+    dtype: float64 images (under `jax.enable_x64`) give the exact-arithmetic reference of a float32 run."""
+    model = functools.partial(SwinIR, config, dtype=images.dtype)
+    out_fp, feats_fp = model().apply({"params": params}, images)
     remat, scan = dqc.block_execution()
-    student = SwinIR(config, site=quantized_site, remat=remat, scan=scan)
+    student = model(site=quantized_site, remat=remat, scan=scan)
     out_q, feats_q = student.apply({"params": params, "bounds": bounds}, images)
     out_fp, feats_fp = jax.lax.stop_gradient((out_fp, feats_fp))
     if dqc.loss == "official":

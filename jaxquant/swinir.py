@@ -397,7 +397,7 @@ class SwinIR(nn.Module):
                 x = pixel_shuffle(Conv3x3(cfg.num_feat * r * r, name=f"upsample_{2 * i}", dtype=self.dtype)(x), r)
             x = Conv3x3(cfg.in_chans, name="conv_last", dtype=self.dtype)(x)
 
-        x = x.astype(jnp.float32) / cfg.img_range + mean
+        x = x.astype(mean.dtype) / cfg.img_range + mean  # in the input dtype, whatever the compute dtype
         return x[:, : h * s, : w * s], tuple(features)
 
 
