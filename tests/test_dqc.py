@@ -118,11 +118,12 @@ def test_every_differing_scalar_is_unstable_in_our_port(scale, bits, t291_model,
 @BITS
 def test_official_bounds_are_no_closer_to_float64_than_ours(scale, bits, t291_model, golden, official_dqc):
     """Why no float32 port reaches 98% within 1e-4: the official float32 bounds themselves miss the same three
-    steps computed in float64 by more than 1e-4 on 40-48% of the scalars (ours: 40-50%), and the float64 losses
-    after the first update miss the official ones by up to 0.11 relative (4.2e-3 to 0.076 at step 3). Measured beside this
-    test: the float64 steps move by < 3e-14 when the input changes by 1e-12, but a change the size of a float32
-    ulp (random +-1 ulp, 1e-8 or 6e-8 Gaussian) sometimes flips a rounding somewhere and then moves 11-47% of
-    them by > 1e-4; float32 rounding inside the forward (5e-7 relative at the output) is several times larger."""
+    steps computed in float64 by more than 1e-4 on 40-48% of the scalars (ours: 40-50%), and the float64
+    losses after the first update miss the official ones by up to 0.11 relative (4.2e-3 to 0.076 at step 3).
+    Measured beside this test: the float64 steps move by < 3e-14 when the input changes by 1e-12, but a change
+    the size of a float32 ulp (random +-1 ulp, 1e-8 or 6e-8 Gaussian) sometimes flips a rounding somewhere and
+    then moves 11-47% of them by > 1e-4; float32 rounding inside the forward (5e-7 relative at the output) is
+    several times larger."""
     arrays, meta = golden(scale)
     _, ours, official_losses, official, _ = official_dqc(scale, bits)
     model, names = t291_model(scale), meta["quantizers"][str(bits)]
