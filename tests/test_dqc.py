@@ -15,7 +15,7 @@ def _run_dqc(model, arrays, names, bits, images, steps=3):
     """Official-mode DQC steps from the golden DOBI bounds, in the images' dtype (bounds and params cast to it)."""
     start = {n: [arrays[f"w{bits}_dobi_lb"][i], arrays[f"w{bits}_dobi_ub"][i]] for i, n in enumerate(names)}
     in_images_dtype = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, images.dtype), tree)
-    # Stored activations: rematerialising gives the same gradients (test_remat_changes_no_gradient), and
+    # Stored activations: rematerialising gives the same gradients (test_block_execution_changes_no_gradient), and
     # XLA:CPU compiles it ~3x slower at this batch of 2.
     dqc = DQCConfig(remat=False)
     state = init_state(in_images_dtype(bounds_from_official(start, model.config, bits)), dqc)
