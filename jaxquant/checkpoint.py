@@ -59,13 +59,20 @@ def save_model(directory: str | Path, model: Model) -> Path:
         lu, bits = _bounds_to_arrays(model.bounds)
         items["bounds"] = ocp.args.StandardSave(lu)
         items["bits"] = ocp.args.JsonSave(bits)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
         ckptr.save(directory, ocp.args.Composite(**items), force=True)
     return directory
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    """A checkpointer that knows each item's handler (orbax warns about every item it cannot place)."""
+    json_item, array_item = ocp.JsonCheckpointHandler, ocp.StandardCheckpointHandler
+    items = {"config": json_item(), "params": array_item(), "bounds": array_item(), "bits": json_item()}
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**items))
+
+
 def _restore_checkpoint(directory: Path) -> Model:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    with _checkpointer() as ckptr:
         names = set(ckptr.metadata(directory).item_metadata.keys())
         if not {"config", "params"} <= names:
             raise ValueError(f"{directory} is an orbax checkpoint but not a jaxquant model (items: {sorted(names)})")
