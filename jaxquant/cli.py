@@ -8,7 +8,8 @@ from typing import Callable
 
 from weights_convert.torch_pickle import PthError
 
-EXPECTED_ERRORS = (PthError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+EXPECTED_ERRORS = (PthError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+                   KeyError)
 
 
 def main_guard(main: Callable[[], int | None]) -> Callable[[], None]:

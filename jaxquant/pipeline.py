@@ -4,9 +4,11 @@ evaluation, written to a run directory.
     run = QuantizeConfig(bits=2, scale=4, dqc=PRESETS["quick"])
     results = quantize_run(run, Path("runs/x4_w2"))
 
-The run directory holds `model/` (params, bounds and config: an orbax checkpoint that `load_model` and
-`scripts/evaluate.py --model` accept), `results.json` and `results.md` (FP / MinMax / <init> / DQC on the
-chosen benchmarks), `comparison.png`, and, while DQC runs, `checkpoints/` to resume from.
+The run directory holds `run_config.json` (the settings; a run directory belongs to one run),
+`calibration/<label>.json` (each initialisation's bounds by official quantizer name, as `--import-bounds`
+reads them), `checkpoints/` and `validation.json` (DQC's state and Set5 log, to resume from), `model/`
+(params, bounds and config: an orbax checkpoint that `load_model` and `scripts/evaluate.py --model` accept),
+`results.json` and `results.md` (FP / MinMax / <init> / DQC on the chosen benchmarks), and `comparison.png`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
 from jaxquant.evaluate import evaluate, evaluate_dataset, results_table
 from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds
-from jaxquant.runs import RunCheckpointer, progress, write_results
+from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_config, write_results
 from jaxquant.visualize import comparison_grid
 from weights_convert.torch_pickle import load_pth
 
@@ -38,6 +40,8 @@ PRESETS = {
     "quick": DQCConfig(steps=160, batch=4, patch=32),
 }
 VALIDATE_EVERY = {"paper": 100, "quick": 40}
+CONFIG_FILE = "run_config.json"
+RUN_KIND = "quantize run"
 CALIB_PATCHES = {"paper": (32, 64), "quick": (8, 64)}  # (count, size) sampled from a calibration folder
 
 
@@ -100,6 +104,11 @@ class QuantizeConfig:
     def init_name(self) -> str:
         return {"dobi": f"dobi-{self.strategy}"}.get(self.method, self.method)
 
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "QuantizeConfig":
+        """The config a run directory was started with."""
+        return cls.from_dict(read_run_config(Path(run_dir), CONFIG_FILE, RUN_KIND))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs
@@ -134,6 +143,12 @@ def load_calibration(source: Path, count: int, size: int, seed: int) -> jax.Arra
 def read_bounds_json(path: Path, model: Model, bits: int) -> dict:
     named = json.loads(path.read_text())
     return bounds_from_official(named, model.config, bits)
+
+
+def write_bounds_json(path: Path, bounds: dict) -> None:
+    """`{official quantizer name: [l, u]}`; float32 values survive the JSON round trip exactly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(bounds_to_official(bounds), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,15 +216,19 @@ def _read_json(path: Path, default):
 # The whole run
 
 
-def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
-    """Calibrate (and optionally distill) the bounds, evaluate every stage, and write the run directory."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bool = False) -> dict:
+    """Calibrate (and optionally distill) the bounds, evaluate every stage, and write the run directory.
+
+    A new run needs a run directory that holds no run. `resume` continues the run in `run_dir`, which must
+    have been started with the same `run`: the calibrated bounds are read back and DQC goes on from its last
+    checkpoint, ending with the bounds of an uninterrupted run."""
     model_path = Path(run.model) if run.model else data_root / "weights" / f"swinir_light_x{run.scale}_t291.pth"
     model = load_model(model_path)
     if model.config.upscale != run.scale:
         raise ValueError(f"{model_path} is a x{model.config.upscale} model, but --scale is {run.scale}")
     for name in run.datasets:  # fail before hours of work, not after
         benchmark_dir(data_root, name)
+    claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
 
     start = init_bounds(model.config, QuantRules.uniform(run.bits))
     stages: dict[str, dict] = {}
@@ -218,12 +237,19 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
     if run.import_bounds:
         stages["imported"] = read_bounds_json(Path(run.import_bounds), model, run.bits)
     else:
-        calib_path = Path(run.calib) if run.calib else data_root / "calib"
-        images = load_calibration(calib_path, run.calib_patches, run.calib_size, run.seed)
+        images = None
         for init in dict.fromkeys((*run.compare, run.init_name)):  # the main initialisation last
             method, strategy, label = INITS[init]
+            saved = run_dir / "calibration" / f"{label}.json"
+            if resume and saved.is_file():
+                stages[label] = read_bounds_json(saved, model, run.bits)
+                continue
+            if images is None:
+                calib_path = Path(run.calib) if run.calib else data_root / "calib"
+                images = load_calibration(calib_path, run.calib_patches, run.calib_size, run.seed)
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
             stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
+            write_bounds_json(saved, stages[label])
     seconds["calibration"], clock = time.perf_counter() - clock, time.perf_counter()
 
     dqc_log = None
@@ -240,7 +266,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path) -> dict:
 
     save_model(run_dir / "model", model._replace(bounds=final))
     if run.export_bounds:
-        Path(run.export_bounds).write_text(json.dumps(bounds_to_official(final), indent=1))
+        write_bounds_json(Path(run.export_bounds), final)
     comparison_grid(
         {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
         load_benchmark(data_root, run.datasets[0], run.scale)[:3], run_dir / "comparison.png",

@@ -59,6 +59,32 @@ def _unpack(packed: dict[str, np.ndarray], target: Any) -> Any:
     return treedef.unflatten(out)
 
 
+def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, kind: str) -> None:
+    """Record `config` (a JSON dict) in a new run dir, or check that a resumed run dir was started with it.
+
+    A run dir belongs to one run: its checkpoints hold that run's state, which a run with other settings must
+    not silently continue (it would keep the old seed, optimizer state and validation history)."""
+    path = run_dir / config_file
+    if not resume:
+        if path.exists():
+            raise FileExistsError(f"{run_dir} already holds a {kind}; resume it or pick another run dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+        return
+    saved, current = read_run_config(run_dir, config_file, kind), json.loads(json.dumps(config))
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
+
+
+def read_run_config(run_dir: Path, config_file: str, kind: str) -> dict:
+    """The config (JSON dict) a run dir was started with."""
+    path = Path(run_dir) / config_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a {kind} (no {config_file})")
+    return json.loads(path.read_text())
+
+
 class RunCheckpointer:
     """Saves a train-state pytree under `<run_dir>/checkpoints/<step>` every `every` steps, keeping `keep`."""
 

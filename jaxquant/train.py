@@ -35,7 +35,7 @@ from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
 from jaxquant.evaluate import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
-from jaxquant.runs import RunCheckpointer, progress, write_results
+from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_config, write_results
 from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
 
 Array = jax.Array
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 LOG_EVERY = 10  # steps between loss read-backs (each one is a host sync)
 CONFIG_FILE = "train_config.json"
+RUN_KIND = "training run"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -203,29 +204,9 @@ def validate(config: SwinIRConfig, params: Params, images: Sequence[BenchmarkIma
 # The run
 
 
-def _claim_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    """Record `cfg` in a new run dir, or check that a resumed run dir was made with the same config."""
-    config_file = run_dir / CONFIG_FILE
-    if not resume:
-        if config_file.exists():
-            raise FileExistsError(f"{run_dir} already holds a training run; resume it or pick another run dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        return
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no {CONFIG_FILE})")
-    saved = TrainConfig.from_dict(json.loads(config_file.read_text()))
-    changed = [f.name for f in dataclasses.fields(cfg) if getattr(saved, f.name) != getattr(cfg, f.name)]
-    if changed:
-        raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
-
-
 def load_config(run_dir: str | Path) -> TrainConfig:
     """The config a run directory was started with."""
-    config_file = Path(run_dir) / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no {CONFIG_FILE})")
-    return TrainConfig.from_dict(json.loads(config_file.read_text()))
+    return TrainConfig.from_dict(read_run_config(Path(run_dir), CONFIG_FILE, RUN_KIND))
 
 
 def _results_table(cfg: TrainConfig, results: dict) -> str:
@@ -245,7 +226,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
     after that step as if it were killed (for time-boxed jobs and tests).
     """
     run_dir = Path(run_dir)
-    _claim_run_dir(cfg, run_dir, resume)
+    claim_run_dir(run_dir, CONFIG_FILE, cfg.to_dict(), resume, RUN_KIND)
     pool = lr_pool_from_folder(cfg.images_dir, cfg.scale, min_size=cfg.patch)
     val_images = load_benchmark(cfg.data_dir, "Set5", cfg.scale) if cfg.val_every else []
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)

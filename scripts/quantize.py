@@ -7,7 +7,7 @@
 
 import argparse
 import dataclasses
-import json
+import sys
 from pathlib import Path
 
 from jaxquant.cli import main_guard
@@ -41,7 +41,11 @@ def parse_args():
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/x<scale>_w<bits>a<bits>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its settings")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    given = sorted({a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")} - {"--resume", "--data-root"})
+    if args.resume and given:
+        p.error(f"--resume takes the settings from RUN_DIR; drop {' '.join(given)}")
+    return args
 
 
 def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
@@ -63,27 +67,21 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
     ), preset
 
 
-def resumed_config(run_dir: Path) -> QuantizeConfig:
-    saved = run_dir / "run_config.json"
-    if not saved.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a quantize run directory (no run_config.json)")
-    return QuantizeConfig.from_dict(json.loads(saved.read_text()))
-
-
 @main_guard
 def main():
     args = parse_args()
     root = resolve_data_root(args.data_root)
     if args.resume:
-        run_dir, run = args.resume, resumed_config(args.resume)
+        run_dir, run = args.resume, QuantizeConfig.load(args.resume)
         print(f"resuming {run_dir}")
     else:
         run, preset = config_from_args(args)
         run_dir = args.run_dir or Path("runs") / f"x{run.scale}_w{run.bits}a{run.bits}"
         print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=1))
-    results = quantize_run(run, run_dir, root)
+    try:
+        results = quantize_run(run, run_dir, root, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted; continue with: python scripts/quantize.py --resume {run_dir}")
     print(results_table(results["results"], run.datasets))
     if results["dqc"]:
         print(f"DQC bounds kept from step {results['dqc']['best_step']} (best Set5 PSNR during validation)")

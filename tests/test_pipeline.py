@@ -1,5 +1,6 @@
 """The quantization pipeline: calibration sources, exact DQC resume, and the CLI end to end."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from conftest import DATA_ROOT, require
 from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
-from jaxquant.pipeline import QuantizeConfig, load_calibration, run_dqc
+from jaxquant.pipeline import QuantizeConfig, load_calibration, quantize_run, run_dqc
 from jaxquant.quant import QuantRules, flat_bounds, init_bounds
 from test_convert import assert_one_line_error, run_script
 from weights_convert.torch_pickle import save_pth
@@ -70,6 +71,19 @@ def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root
     assert max(moved) > 0  # the bounds did train
 
 
+def test_a_run_dir_holds_one_run(tmp_path, data_root):
+    run = QuantizeConfig(bits=2, dqc=None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(run.to_dict()))
+    with pytest.raises(FileExistsError, match="already holds a quantize run"):
+        quantize_run(run, tmp_path / "run", data_root)
+    with pytest.raises(ValueError, match=r"\(bits, seed differ\)"):
+        quantize_run(dataclasses.replace(run, bits=4, seed=1), tmp_path / "run", data_root, resume=True)
+    with pytest.raises(FileNotFoundError, match="not a quantize run"):
+        quantize_run(run, tmp_path / "none", data_root, resume=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run_config.json"]
+
+
 def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     run_dir = tmp_path / "run"
     exported = tmp_path / "bounds.json"
@@ -96,6 +110,23 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     assert evaluated.returncode == 0, evaluated.stderr
     assert "WARNING" not in evaluated.stderr, evaluated.stderr  # orbax warned once per checkpoint item
     assert f"{results['results']['DQC']['Set5']['psnr']:.3f}" in evaluated.stdout
+
+    # The run directory belongs to this run: a new run (even with the same flags) is refused and changes
+    # nothing; --resume takes no settings; a resume reads the calibrated bounds back instead of calibrating:
+    # its data root has no calibration images, so calibrating would fail.
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert_one_line_error(run_script(*args), "already holds a quantize run; resume it or pick another run dir")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    flagged = run_script("scripts/quantize.py", "--resume", str(run_dir), "--bits", "2")
+    assert flagged.returncode == 2 and "drop --bits" in flagged.stderr
+    no_calib = tmp_path / "root"
+    no_calib.mkdir()
+    for name in ("benchmark", "weights"):
+        (no_calib / name).symlink_to(DATA_ROOT / name)
+    resumed = run_script("scripts/quantize.py", "--resume", str(run_dir), "--data-root", str(no_calib))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "results.json").read_text())["results"] == results["results"]
+    assert len(json.loads((run_dir / "calibration" / "DOBI-official.json").read_text())) == 384
 
 
 def test_quantize_cli_bad_flags_are_one_line(tmp_path):
