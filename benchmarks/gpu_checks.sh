@@ -6,7 +6,9 @@
 #       activations stored): compile time, median of 20, peak memory, a profiler trace of 3 steps; then, as
 #       time allows, with the blocks scanned and recomputed, and with float32 matmuls (default: TF32).
 #   bash benchmarks/gpu_checks.sh preset OUT_DIR [DATA_ROOT] [CALIB]
-#       the `paper` preset for x4 W2A2 end to end (scripts/quantize.py); about 10 minutes on an H100.
+#       the `paper` preset for x4 W2A2 end to end (scripts/quantize.py); about 10 minutes on an H100. A call
+#       cut off by BUDGET_S leaves its checkpoints on the machine; the next call there resumes the run (no
+#       recalibration: the calibrated bounds are read back).
 #
 # BUDGET_S (default 560) caps a call. OUT_DIR receives bench.log and trace.json.gz, or preset.log,
 # results.json, validation.json and comparison.png.
@@ -36,12 +38,14 @@ step)
 preset)
     data=${3:-../shared/data}
     calib=${4:+--calib $4}
-    timeout "$(($(left) - 10))" python scripts/quantize.py --bits 2 --scale 4 --preset paper \
-        --data-root "$data" $calib --run-dir /tmp/x4_w2a2_paper >"$out/preset.log" 2>&1
+    run=/tmp/x4_w2a2_paper
+    if [ -f "$run/run_config.json" ]; then how=(--resume "$run"); else
+        how=(--bits 2 --scale 4 --preset paper $calib --run-dir "$run"); fi
+    timeout "$(($(left) - 10))" python scripts/quantize.py --data-root "$data" "${how[@]}" >"$out/preset.log" 2>&1
     echo "preset: exit $? after ${SECONDS}s" >>"$out/bench.log"
-    for f in results.json validation.json comparison.png; do cp "/tmp/x4_w2a2_paper/$f" "$out/" 2>/dev/null; done
+    for f in results.json validation.json comparison.png; do cp "$run/$f" "$out/" 2>/dev/null; done
     tail -c 1500 "$out/preset.log"
-    cat /tmp/x4_w2a2_paper/results.md 2>/dev/null
+    cat "$run/results.md" 2>/dev/null
     ;;
 *)
     echo "unknown mode $mode (step or preset)" >&2
