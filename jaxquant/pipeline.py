@@ -2,7 +2,7 @@
 evaluation, written to a run directory.
 
     run = QuantizeConfig(bits=2, scale=4, dqc=PRESETS["quick"])
-    results = quantize_run(run, Path("runs/x4_w2"))
+    results = quantize_run(run, Path("runs/x4_w2"), default_data_root())   # resume=True continues it
 
 The run directory holds `run_config.json` (the settings; a run directory belongs to one run),
 `calibration/<label>.json` (each initialisation's bounds by official quantizer name, as `--import-bounds`
