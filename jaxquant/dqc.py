@@ -94,9 +94,11 @@ def official_loss(out_q, out_fp, feats_q, feats_fp) -> tuple[Array, dict]:
 
 
 def paper_loss(out_q, out_fp, feats_q, feats_fp, feature_weight: float) -> tuple[Array, dict]:
+    """The paper's loss as written: its norms are not detached (the official code's are), so the feature
+    term's gradient is that of a scale-invariant function: orthogonal to each sample's features."""
     terms = {"pixel": jnp.mean(jnp.abs(out_q - out_fp))}
     for i, (fq, ff) in enumerate(zip(feats_q, feats_fp)):
-        unit = lambda f: f / _per_sample_norm(f)[:, :, :, 0]
+        unit = lambda f: f / jnp.sqrt(jnp.sum(jnp.square(f), axis=(1, 2), keepdims=True))
         per_sample = jnp.sqrt(jnp.sum(jnp.square(unit(ff) - unit(fq)), axis=(1, 2))) / (fq.shape[1] * fq.shape[2])
         terms[f"feature_{i}"] = feature_weight * jnp.mean(per_sample)
     return sum(terms.values()), terms
