@@ -104,6 +104,12 @@ class QuantizeConfig:
     def init_name(self) -> str:
         return {"dobi": f"dobi-{self.strategy}"}.get(self.method, self.method)
 
+    @property
+    def calibrations(self) -> list[str]:
+        """The initialisations to calibrate: the `compare` baselines, then the main one (which DQC starts
+        from, and which a run without DQC keeps), each once."""
+        return [*(c for c in dict.fromkeys(self.compare) if c != self.init_name), self.init_name]
+
     @classmethod
     def load(cls, run_dir: str | Path) -> "QuantizeConfig":
         """The config a run directory was started with."""
@@ -238,7 +244,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
         stages["imported"] = read_bounds_json(Path(run.import_bounds), model, run.bits)
     else:
         images = None
-        for init in dict.fromkeys((*run.compare, run.init_name)):  # the main initialisation last
+        for init in run.calibrations:
             method, strategy, label = INITS[init]
             saved = run_dir / "calibration" / f"{label}.json"
             if resume and saved.is_file():

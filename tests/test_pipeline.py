@@ -71,6 +71,13 @@ def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root
     assert max(moved) > 0  # the bounds did train
 
 
+def test_the_main_initialisation_is_calibrated_last():
+    """DQC starts from the last calibrated stage, also when --compare names the main one first."""
+    run = QuantizeConfig(method="dobi", compare=("dobi-official", "minmax", "minmax"))
+    assert run.calibrations == ["minmax", "dobi-official"]
+    assert QuantizeConfig(method="minmax", compare=("minmax", "percentile")).calibrations == ["percentile", "minmax"]
+
+
 def test_a_run_dir_holds_one_run(tmp_path, data_root):
     run = QuantizeConfig(bits=2, dqc=None)
     (tmp_path / "run").mkdir()
