@@ -179,13 +179,14 @@ def run_dqc(
     pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch, keep_hr=False)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
-    state = (init_state(_copy(bounds), dqc), bounds, jnp.float32(-np.inf), jnp.int32(0), key)
+    state = (init_state(_copy(bounds), dqc), bounds, key)
     history_file = run_dir / "validation.json"
     with RunCheckpointer(run_dir, every=run.checkpoint_every) as checkpoints:
         restored = checkpoints.restore_latest(state)
-        dqc_state, best, best_psnr, best_step, key = state if restored is None else restored
+        dqc_state, best, key = state if restored is None else restored
         start, stop = int(dqc_state.step), min(dqc.steps, stop_after or dqc.steps)
-        # The validation log is JSON beside the checkpoints; entries past the restored step never happened.
+        # The validation log (float64 PSNRs, which pick the best step) is JSON beside the checkpoints and is
+        # written before them: entries past the restored step never happened.
         history = [h for h in _read_json(history_file, []) if h["step"] <= start]
         with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar:
             for step in range(start, stop):
@@ -195,19 +196,26 @@ def run_dqc(
                 bar.update(1)
                 if done % run.validate_every == 0 or done == dqc.steps:
                     psnr = _validation_psnr(model, dqc_state.bounds, data_root)
+                    if psnr >= _best(history, {"set5_psnr": -np.inf})["set5_psnr"]:
+                        best = _copy(dqc_state.bounds)
                     history.append({"step": done, "loss": float(terms["loss"]), "set5_psnr": psnr})
-                    if psnr > float(best_psnr):
-                        best, best_psnr, best_step = _copy(dqc_state.bounds), jnp.float32(psnr), jnp.int32(done)
-                    bar.log(loss=float(terms["loss"]), psnr=psnr, best=float(best_psnr))
+                    bar.log(loss=float(terms["loss"]), psnr=psnr, best=_best(history)["set5_psnr"])
                 elif done % 10 == 0:
                     bar.log(loss=float(terms["loss"]))
                 if done % run.checkpoint_every == 0 or done == stop:
-                    checkpoints.save(done, (dqc_state, best, best_psnr, best_step, key), force=True)
                     history_file.write_text(json.dumps(history, indent=1))
-    log = {"completed": stop == dqc.steps, "best_step": int(best_step), "best_set5_psnr": float(best_psnr),
+                    checkpoints.save(done, (dqc_state, best, key), force=True)
+    kept = _best(history, {"step": 0, "set5_psnr": None})
+    log = {"completed": stop == dqc.steps, "best_step": kept["step"], "best_set5_psnr": kept["set5_psnr"],
            "validation": history,
-           "selection": "highest Set5 PSNR among the validation steps (the initial bounds excluded)"}
+           "selection": "highest Set5 PSNR among the validation steps, the later one on a tie as BasicSR "
+                        "(the initial bounds excluded)"}
     return best, log
+
+
+def _best(history: list[dict], default: dict | None = None) -> dict:
+    """The validation entry with the highest Set5 PSNR, the later one on a tie."""
+    return max(reversed(history), key=lambda h: h["set5_psnr"], default=default)
 
 
 def _copy(tree):

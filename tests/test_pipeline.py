@@ -12,8 +12,10 @@ from conftest import DATA_ROOT, require
 from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
+from jaxquant import pipeline
 from jaxquant.pipeline import QuantizeConfig, load_calibration, quantize_run, run_dqc
 from jaxquant.quant import QuantRules, flat_bounds, init_bounds
+from jaxquant.swinir import swinir_light
 from test_convert import assert_one_line_error, run_script
 from weights_convert.torch_pickle import save_pth
 
@@ -53,12 +55,17 @@ def test_bad_calibration_arrays_are_refused(tmp_path, array):
         load_calibration(tmp_path / "bad.npy", 32, 64, 0)
 
 
-def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root):
-    model = t291_model(4)
-    start = init_bounds(model.config, QuantRules.uniform(2), fill=(-1.5, 1.5))
+def _tiny_dqc(tiny_train_dir) -> tuple[dict, QuantizeConfig]:
+    """Start bounds and a 4-step x4 W2 DQC run (batch 2, 16x16) validated and checkpointed every 2 steps."""
     # remat=False: the same bounds (tests/test_dqc.py), 3x quicker to compile at batch 2
     dqc = DQCConfig(steps=4, batch=2, patch=16, remat=False)
     run = QuantizeConfig(bits=2, scale=4, dqc=dqc, train_dir=str(tiny_train_dir), validate_every=2, checkpoint_every=2)
+    return init_bounds(swinir_light(4), QuantRules.uniform(2), fill=(-1.5, 1.5)), run
+
+
+def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root):
+    model = t291_model(4)
+    start, run = _tiny_dqc(tiny_train_dir)
     straight, log = run_dqc(model, start, run, data_root, tmp_path / "straight")
     _, stopped = run_dqc(model, start, run, data_root, tmp_path / "killed", stop_after=3)
     assert not stopped["completed"]
@@ -69,6 +76,22 @@ def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root
         np.testing.assert_array_equal(np.asarray(flat_bounds(resumed)[path].lu), np.asarray(b.lu), err_msg=path)
     moved = [float(np.abs(np.asarray(b.lu) - [-1.5, 1.5]).max()) for b in flat_bounds(straight).values()]
     assert max(moved) > 0  # the bounds did train
+
+
+@pytest.mark.parametrize("psnrs, kept", [((31.636961687, 31.636961335), 2), ((30.0, 30.0), 4)])
+def test_dqc_keeps_the_best_validated_bounds(tmp_path, t291_model, tiny_train_dir, data_root, monkeypatch, psnrs, kept):
+    """Selection in float64: the two PSNRs are 3.5e-7 dB apart, less than float32 resolves there, and a
+    float32 best once kept the lower, later one. On a tie the later step wins, as in BasicSR."""
+    model = t291_model(4)
+    start, run = _tiny_dqc(tiny_train_dir)
+    at = {}
+    for stop in (kept, None):
+        monkeypatch.setattr(pipeline, "_validation_psnr", lambda *_, scripted=iter(psnrs): next(scripted))
+        at[stop] = run_dqc(model, start, run, data_root, tmp_path / str(stop), stop_after=stop)
+    (best, log), (bounds_at_kept, _) = at[None], at[kept]
+    assert (log["best_step"], log["best_set5_psnr"]) == (kept, psnrs[kept // 2 - 1])
+    for path, b in flat_bounds(bounds_at_kept).items():
+        np.testing.assert_array_equal(np.asarray(flat_bounds(best)[path].lu), np.asarray(b.lu), err_msg=path)
 
 
 def test_the_main_initialisation_is_calibrated_last():
