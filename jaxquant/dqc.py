@@ -48,6 +48,16 @@ class DQCConfig:
     remat: bool | None = None  # recompute them in the backward pass instead of storing activations (`SwinIR.remat`)
     scan: bool | None = None  # run them as a `lax.scan` over block pairs (`SwinIR.scan`)
 
+    def __post_init__(self):
+        if self.loss not in ("official", "paper"):
+            raise ValueError(f"DQC loss must be 'official' or 'paper', got {self.loss!r}")
+        for name in ("steps", "batch", "patch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DQC {name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.eps > 0 and self.feature_weight >= 0 and 0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"DQC needs lr > 0, eps > 0, feature_weight >= 0 and betas in [0, 1), got lr {self.lr}, "
+                             f"eps {self.eps}, feature_weight {self.feature_weight}, betas ({self.b1}, {self.b2})")
+
     def block_execution(self) -> tuple[bool, bool]:
         """`(remat, scan)`, by backend where unset. On a CPU both: a DQC step (x4, batch 4, 32x32, 2 cores)
         compiles in 11 s instead of 29 s, runs no slower, and keeps ~150 MB of scratch instead of 1.8 GB. On

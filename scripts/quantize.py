@@ -3,6 +3,8 @@
     python scripts/quantize.py --bits 2                   # x4 t291 model, DOBI + DQC, Set5, runs/x4_w2a2
     python scripts/quantize.py --bits 4 --scale 2 --no-dqc --method minmax
     python scripts/quantize.py --resume runs/x4_w2a2      # continue a killed run where it stopped
+    python scripts/quantize.py --bits 2 --preset paper --loss paper --b2 0.999 --cosine --steps 3000 --batch 32
+                                                          # the paper's DQC settings (the preset: the official code's)
 """
 
 import argparse
@@ -28,7 +30,12 @@ def parse_args():
     p.add_argument("--calib-patches", type=int, help="patches sampled from a calibration folder (default: by preset)")
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"DQC settings (default: by backend, now {default_preset()})")
     p.add_argument("--no-dqc", action="store_true", help="stop after the bound initialisation")
-    p.add_argument("--steps", type=int, help="DQC steps (overrides the preset)")
+    p.add_argument("--steps", type=int, help="DQC steps (overrides the preset, as do the next four)")
+    p.add_argument("--batch", type=int, help="DQC patches per step")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--b2", type=float, help="Adam beta2 (the official code: 0.99, the paper: 0.999)")
+    p.add_argument("--cosine", action="store_true", default=None,
+                   help="cosine-decay the learning rate to 0 (the paper; the official code keeps it constant)")
     p.add_argument("--loss", choices=("official", "paper"), default="official", help="DQC loss")
     p.add_argument("--feature-weight", type=float, default=1.0, help="feature term weight of the paper loss")
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
@@ -52,9 +59,8 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
-        dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight)
-        if args.steps:
-            dqc = dataclasses.replace(dqc, steps=args.steps)
+        overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "b2", "cosine") if getattr(args, k) is not None}
+        dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight, **overrides)
     count, size = CALIB_PATCHES[preset or "paper"]
     every = VALIDATE_EVERY[preset or "paper"]
     return QuantizeConfig(

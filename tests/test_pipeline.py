@@ -117,14 +117,16 @@ def test_a_run_dir_holds_one_run(tmp_path, data_root):
 def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     run_dir = tmp_path / "run"
     exported = tmp_path / "bounds.json"
-    args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2",
-            "--calib-patches", "2", "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir),
+    args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2", "--batch", "2",
+            "--b2", "0.999", "--cosine", "--calib-patches", "2", "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir),
             "--export-bounds", str(exported)]
     result = run_script(*args)
     assert result.returncode == 0, result.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert list(results["results"]) == ["FP", "MinMax", "DOBI-official", "DQC"]
     assert results["dqc"]["best_step"] == 2 and results["final_bounds"] == "DQC"
+    dqc = results["config"]["dqc"]
+    assert (dqc["steps"], dqc["batch"], dqc["patch"], dqc["b2"], dqc["cosine"]) == (2, 2, 32, 0.999, True)
     assert results["results"]["FP"]["Set5"]["psnr"] == pytest.approx(28.89, abs=0.01)
     assert (run_dir / "comparison.png").stat().st_size > 10_000
     assert "| DQC |" in (run_dir / "results.md").read_text()
@@ -165,3 +167,4 @@ def test_quantize_cli_bad_flags_are_one_line(tmp_path):
     assert_one_line_error(result, "no calibration data at")
     result = run_script("scripts/quantize.py", "--no-dqc", "--datasets", "Manga109", "--run-dir", str(tmp_path / "r"))
     assert_one_line_error(result, "Manga109")
+    assert_one_line_error(run_script("scripts/quantize.py", "--steps", "0"), "DQC steps must be at least 1, got 0")
