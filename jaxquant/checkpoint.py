@@ -87,17 +87,20 @@ def _restore_checkpoint(directory: Path) -> Model:
 
 def load_model(source: str | Path, param_key: str | None = None) -> Model:
     """A model from a `.pth` file, a model checkpoint, or a `scripts/quantize.py` run directory."""
-    from weights_convert.swinir import torch_to_flax, unwrap_state_dict
+    from weights_convert.swinir import naming_source, torch_to_flax, unwrap_state_dict
     from weights_convert.torch_pickle import load_pth
 
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if path.is_file():
-        config, params = torch_to_flax(unwrap_state_dict(load_pth(path), param_key))
+        with naming_source(path):
+            config, params = torch_to_flax(unwrap_state_dict(load_pth(path), param_key))
         return Model(config, params)
     if (path / "model").is_dir():  # a run directory
         path = path / "model"
+    elif any((path / name).is_file() for name in ("run_config.json", "train_config.json")):
+        raise FileNotFoundError(f"{path} is a run directory without a model yet (unfinished?); resume it first")
     if not (path / "config").exists():
         raise ValueError(f"{path} is neither a .pth file, a model checkpoint nor a run directory")
     return _restore_checkpoint(path.resolve())

@@ -20,8 +20,13 @@ def main():
     parser.add_argument("-o", "--out", type=Path, help="checkpoint directory (default: checkpoints/<file stem>)")
     parser.add_argument("--param-key", help="entry holding the state dict (default: params, then params_ema)")
     args = parser.parse_args()
+    out = args.out or Path("checkpoints") / args.pth.stem
+    if out.exists():  # saving replaces a checkpoint folder whole, whatever else it holds
+        raise FileExistsError(f"{out} exists; choose another path or remove it")
+    if args.param_key is not None and args.pth.is_dir():
+        raise ValueError(f"--param-key applies to a .pth file; {args.pth} is a folder")
     model = load_model(args.pth, args.param_key)
-    out = save_model(args.out or Path("checkpoints") / args.pth.stem, model)
+    out = save_model(out, model)
     count = sum(x.size for x in jax.tree.leaves(model.params))
     print(f"{describe(model.config)}, {count:,} parameters -> {out}")
 

@@ -25,6 +25,8 @@ def main(argv=None) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="the .pth to write")
     args = p.parse_args(argv)
     try:
+        if args.output.exists():
+            raise FileExistsError(f"{args.output} exists; choose another path or remove it")
         model = load_model(args.model)
         state_dict = flax_to_torch(model.config, model.params)
         args.output.parent.mkdir(parents=True, exist_ok=True)

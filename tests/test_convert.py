@@ -1,5 +1,6 @@
 """PyTorch -> Flax conversion: layouts accepted, config inference, and loud refusals (in the library and the CLI)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT, require
+from jaxquant.checkpoint import load_model, save_model
 from weights_convert.swinir import ConversionError, flax_to_torch, infer_config, torch_to_flax, unwrap_state_dict
 from weights_convert.torch_pickle import load_pth, save_pth
 from jaxquant.swinir import shifted_window_mask
@@ -83,6 +85,41 @@ def test_missing_and_leftover_keys_are_named(state_dict):
         torch_to_flax(sd)
 
 
+TABLE = "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
+FC1 = "layers.0.residual_group.blocks.0.mlp.fc1.weight"
+X2 = "SwinIR x2 (embed_dim 60, depths [6, 6, 6, 6], heads [6, 6, 6, 6], window 8, pixelshuffledirect)"
+# A copy of the real x2 state dict with one thing wrong -> what the one-line error must say.
+MALFORMED = {
+    "non_string_key": (lambda sd: sd | {1: np.zeros(3, np.float32)}, "key 1 (int) is not a string"),
+    "table_1d": (lambda sd: sd | {TABLE: np.zeros(225, np.float32)},
+                 f"'{TABLE}' has shape (225,); SwinIR needs 2 dimensions ((2*window-1)**2, heads)"),
+    "table_7x6": (lambda sd: sd | {TABLE: np.zeros((7, 6), np.float32)},
+                  f"'{TABLE}' has shape (7, 6); SwinIR needs ((2*window-1)**2, heads), e.g. (225, 6)"),
+    "zero_size": (lambda sd: sd | {"conv_first.weight": np.zeros((60, 0, 3, 3), np.float32)},
+                  "'conv_first.weight' has shape (60, 0, 3, 3), with a zero-size dimension"),
+    "missing_fc1": (lambda sd: {k: v for k, v in sd.items() if k != FC1}, f"missing '{FC1}'"),
+    "conv_rank_3": (lambda sd: sd | {"conv_after_body.weight": np.zeros((60, 60, 3), np.float32)},
+                    f"'conv_after_body.weight' has shape (60, 60, 3); {X2} needs (60, 60, 3, 3)"),
+    "conv_rank_1": (lambda sd: sd | {"conv_first.weight": np.zeros(60, np.float32)},
+                    "'conv_first.weight' has shape (60,); SwinIR needs 4 dimensions (out, in, kh, kw)"),
+    "nan": (lambda sd: sd | {"conv_first.weight": np.full((60, 3, 3, 3), np.nan, np.float32)},
+            "'conv_first.weight' holds NaN or infinite values"),
+    "inf_after_nan": (lambda sd: sd | {"conv_after_body.bias": np.full(60, np.inf, np.float32),
+                                       "layers.3.conv.bias": np.full(60, np.nan, np.float32)},
+                      "'layers.3.conv.bias' holds NaN or infinite values"),
+    "module_duplicate": (lambda sd: sd | {"module.norm.bias": sd["norm.bias"]},
+                         "both 'norm.bias' and 'module.norm.bias'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_state_dict_names_key_and_shapes(state_dict, case):
+    mutate, message = MALFORMED[case]
+    with pytest.raises(ConversionError, match=re.escape(message)) as error:
+        torch_to_flax(unwrap_state_dict({"params": mutate(dict(state_dict))}))
+    assert "\n" not in str(error.value)
+
+
 def run_script(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -151,3 +188,33 @@ def test_classical_pixelshuffle_swinir_round_trips(scale):
     _, back = torch_to_flax(state_dict)
     out, _ = SwinIR(config).apply({"params": back}, x)
     assert out.shape == (1, 9 * scale, 10 * scale, 3)
+
+
+@pytest.mark.parametrize("case", ["non_string_key", "zero_size", "missing_fc1", "nan"])
+def test_convert_cli_names_the_file_and_the_key(tmp_path, case, state_dict):
+    mutate, message = MALFORMED[case]
+    path = tmp_path / f"{case}.pth"
+    save_pth(path, {"params": mutate(dict(state_dict))})
+    result = run_script("scripts/convert.py", str(path), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, f"error: {path}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("existing", ["folder", "file"])
+def test_convert_cli_refuses_an_existing_output(tmp_path, existing):
+    out = tmp_path / "out"
+    kept = out / "notes.txt" if existing == "folder" else out
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text("keep me")
+    result = run_script("scripts/convert.py", str(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth")),
+                        "-o", str(out))
+    assert_one_line_error(result, f"{out} exists; choose another path or remove it")
+    assert kept.read_text() == "keep me"
+    assert set(tmp_path.rglob("*")) == {out, kept}  # nothing added, nothing removed
+
+
+def test_convert_cli_refuses_param_key_for_a_checkpoint(tmp_path):
+    checkpoint = save_model(tmp_path / "ckpt", load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth")))
+    result = run_script("scripts/convert.py", str(checkpoint), "--param-key", "bogus", "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "--param-key applies to a .pth file")
+    assert not (tmp_path / "out").exists()

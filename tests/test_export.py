@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import runpy
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.quant import QuantRules, init_bounds
 from weights_convert.swinir import torch_to_flax, unwrap_state_dict
-from weights_convert.torch_pickle import load_pth
+from weights_convert.torch_pickle import load_pth, save_pth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,3 +79,20 @@ def test_quantized_model_exports_fp_params_with_a_note(real_pth, tmp_path, capsy
 def test_bad_input_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: no model at .*missing$"):
         export([tmp_path / "missing", "-o", tmp_path / "x.pth"])
+
+
+def test_an_existing_output_is_refused_and_kept(real_pth, tmp_path):
+    out = tmp_path / "x.pth"
+    out.write_text("keep me")
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(out))} exists; choose another path or remove it$"):
+        export([real_pth, "-o", out])
+    assert out.read_text() == "keep me"
+
+
+def test_a_malformed_pth_names_the_file_and_the_key(real_pth, tmp_path):
+    fc1 = "layers.0.residual_group.blocks.0.mlp.fc1.weight"
+    source = tmp_path / "no_fc1.pth"
+    save_pth(source, {"params": {k: v for k, v in unwrap_state_dict(load_pth(real_pth)).items() if k != fc1}})
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(source))}: missing '{re.escape(fc1)}'"):
+        export([source, "-o", tmp_path / "x.pth"])
+    assert not (tmp_path / "x.pth").exists()

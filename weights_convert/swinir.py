@@ -3,7 +3,9 @@
 Handles the official SwinIR / 2DQuant layout (`swinir_arch.py`): `{"params": sd}`, `{"params_ema": sd}` or a
 bare state dict, with or without a `module.` prefix (DataParallel) and with or without the derived buffers
 `relative_position_index` and `attn_mask` (checked against their recomputed values, then dropped).
-Refuses everything else by name: missing keys, leftover keys, wrong shapes, and state dicts that are not SwinIR.
+Refuses everything else by name: missing keys, leftover keys, wrong shapes (checked in one pass against the
+shapes the inferred config implies), non-string keys, zero-size or non-finite tensors, and state dicts that are
+not SwinIR.
 
 Transposes by rule: Linear weight (out, in) -> kernel (in, out); Conv2d weight (out, in, kh, kw) -> kernel
 (kh, kw, in, out); the qkv Linear is split row-wise into the q, k, v linears (rows 0:C, C:2C, 2C:3C).
@@ -11,9 +13,11 @@ Transposes by rule: Linear weight (out, in) -> kernel (in, out); Conv2d weight (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -119,10 +123,28 @@ def unwrap_state_dict(obj, param_key: str | None = None) -> dict[str, np.ndarray
             raise ConversionError(f"no {param_key!r} entry; top-level keys: {_preview(obj)}")
     sd = {}
     for k, v in obj.items():
-        if not isinstance(v, np.ndarray):
-            raise ConversionError(f"entry {k!r} is a {type(v).__name__}, not a tensor; is this a state dict?")
-        sd[k[len("module."):] if k.startswith("module.") else k] = v
+        _check_entry(k, v)
+        key = k[len("module."):] if k.startswith("module.") else k
+        if key in sd:
+            raise ConversionError(f"both {key!r} and 'module.{key}': which one is the weight?")
+        sd[key] = v
     return sd
+
+
+def _check_entries(sd: dict) -> None:
+    """Every entry passes `_check_entry` (checked before inference, which reads keys and shapes)."""
+    for k, v in sd.items():
+        _check_entry(k, v)
+
+
+def _check_entry(key, value) -> None:
+    """A state dict entry is a string key and a tensor with no zero-size dimension."""
+    if not isinstance(key, str):
+        raise ConversionError(f"key {key!r} ({type(key).__name__}) is not a string; is this a state dict?")
+    if not isinstance(value, np.ndarray):
+        raise ConversionError(f"entry {key!r} is a {type(value).__name__}, not a tensor; is this a state dict?")
+    if 0 in value.shape:
+        raise ConversionError(f"{key!r} has shape {value.shape}, with a zero-size dimension")
 
 
 def _preview(keys, n: int = 5) -> str:
@@ -134,33 +156,42 @@ def _preview(keys, n: int = 5) -> str:
 # Config inference
 
 
+# Dimension names of the tensors inference reads: their count is the rank the tensor must have.
+_CONV = ("out", "in", "kh", "kw")
+_LINEAR = ("out", "in")
+_BIAS_TABLE = ("(2*window-1)**2", "heads")
+
+
 def infer_config(sd: dict[str, np.ndarray]) -> SwinIRConfig:
     """SwinIR hyper-parameters read off the tensor shapes (img_range is not stored: SwinIR's 1.0)."""
-    required = ("conv_first.weight", "layers.0.residual_group.blocks.0.attn.relative_position_bias_table")
-    missing = [k for k in required if k not in sd]
+    _check_entries(sd)
+    table0 = "layers.0.residual_group.blocks.0.attn.relative_position_bias_table"
+    missing = [k for k in ("conv_first.weight", table0) if k not in sd]
     if missing:
         raise ConversionError(f"not a SwinIR state dict: no {missing[0]!r} (keys: {_preview(sd)})")
     if "layers.0.residual_group.blocks.0.attn.qkv.weight" not in sd:
         raise ConversionError("not a plain SwinIR state dict: no fused 'attn.qkv.weight' (a quantized model?)")
-    embed_dim, in_chans = sd["conv_first.weight"].shape[:2]
+    embed_dim, in_chans = _dims(sd, "conv_first.weight", _CONV)[:2]
     stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))})
     depths, heads = [], []
     for i in range(len(stages)):
         blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.", k))}
         depths.append(len(blocks))
-        heads.append(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
-    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
+        heads.append(_dims(sd, f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table", _BIAS_TABLE)[1])
+    table_rows = sd[table0].shape[0]
     window = (math.isqrt(table_rows) + 1) // 2
-    mlp_hidden = sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0]
+    if (2 * window - 1) ** 2 != table_rows:
+        raise ConversionError(
+            f"{table0!r} has shape {sd[table0].shape}; SwinIR needs ((2*window-1)**2, heads), e.g. (225, {heads[0]})"
+        )
+    mlp_hidden = _dims(sd, "layers.0.residual_group.blocks.0.mlp.fc1.weight", _LINEAR)[0]
     if "conv_before_upsample.0.weight" in sd:
-        num_feat = sd["conv_before_upsample.0.weight"].shape[0]
-        factors = [
-            math.isqrt(sd[k].shape[0] // num_feat) for k in sorted(sd) if re.fullmatch(r"upsample\.\d+\.weight", k)
-        ]
+        num_feat = _dims(sd, "conv_before_upsample.0.weight", _CONV)[0]
+        factors = [_shuffle_factor(sd, k, num_feat) for k in sorted(sd) if re.fullmatch(r"upsample\.\d+\.weight", k)]
         upsampler, scale = "pixelshuffle", math.prod(factors)
     elif "upsample.0.weight" in sd:
         num_feat, upsampler = 64, "pixelshuffledirect"
-        scale = math.isqrt(sd["upsample.0.weight"].shape[0] // in_chans)
+        scale = _shuffle_factor(sd, "upsample.0.weight", in_chans)
     else:
         raise ConversionError("SwinIR without a supported upsampler (pixelshuffle or pixelshuffledirect)")
     try:
@@ -173,8 +204,38 @@ def infer_config(sd: dict[str, np.ndarray]) -> SwinIRConfig:
         raise ConversionError(f"inconsistent SwinIR shapes: {e}") from None
 
 
+def _dims(sd: dict[str, np.ndarray], key: str, layout: tuple[str, ...]) -> tuple[int, ...]:
+    """The shape of `sd[key]`, which inference reads, so it must be there with one dimension per `layout` name."""
+    if key not in sd:
+        raise ConversionError(f"missing {key!r}, which every SwinIR state dict has")
+    shape = sd[key].shape
+    if len(shape) != len(layout):
+        raise ConversionError(f"{key!r} has shape {shape}; SwinIR needs {len(layout)} dimensions ({', '.join(layout)})")
+    return shape
+
+
+def _shuffle_factor(sd: dict[str, np.ndarray], key: str, channels: int) -> int:
+    """The factor r of the PixelShuffle after conv `key`, which outputs `channels` * r**2 channels."""
+    out = _dims(sd, key, _CONV)[0]
+    r = math.isqrt(out // channels)
+    if r < 1 or r * r * channels != out:
+        raise ConversionError(
+            f"{key!r} has shape {sd[key].shape}; a PixelShuffle conv outputs {channels} * r**2 channels"
+        )
+    return r
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Conversion
+
+
+@contextlib.contextmanager
+def naming_source(source) -> Iterator[None]:
+    """Prefix conversion errors with the file they came from: the converter sees only the state dict."""
+    try:
+        yield
+    except ConversionError as e:
+        raise ConversionError(f"{source}: {e}") from None
 
 
 def expected_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
@@ -186,45 +247,58 @@ def expected_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
     return {"/".join(k): v.shape for k, v in flatten_dict(shapes["params"]).items()}
 
 
+def torch_shapes(config: SwinIRConfig, flax_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """PyTorch shapes of SwinIR's parameters, from their Flax shapes (the split qkv stacked back row-wise)."""
+    shapes = {}
+    for e in key_table(config):
+        rows, *rest = _to_torch(e.kind, np.broadcast_to(np.float32(0), flax_shapes[e.flax_paths[0]])).shape
+        shapes[e.torch_key] = (rows * len(e.flax_paths), *rest)
+    return shapes
+
+
 def _check_dropped_buffer(key: str, value: np.ndarray, window: int) -> None:
     if key.endswith("relative_position_index"):
         expected = relative_position_index(window)
+    elif value.ndim != 3:
+        area = window * window
+        raise ConversionError(f"buffer {key!r} has shape {value.shape}; window {window} needs (windows, {area}, {area})")
     else:  # attn_mask of a shifted block, built by the official code for its training resolution
         side = math.isqrt(value.shape[0]) * window
         expected = shifted_window_mask(side, side, window, window // 2)
-    if value.shape != expected.shape or not np.array_equal(value, expected):
+    if value.shape != expected.shape:
+        raise ConversionError(f"buffer {key!r} has shape {value.shape}; window {window} needs {expected.shape}")
+    if not np.array_equal(value, expected):
         raise ConversionError(f"buffer {key!r} does not match the SwinIR it belongs to")
 
 
 def torch_to_flax(sd: dict[str, np.ndarray], config: SwinIRConfig | None = None) -> tuple[SwinIRConfig, dict]:
-    """Convert a PyTorch SwinIR state dict to `(config, params)`; every key and shape is checked."""
+    """Convert a PyTorch SwinIR state dict to `(config, params)`; every key, shape and value is checked."""
+    _check_entries(sd)
     config = config or infer_config(sd)
-    shapes = expected_shapes(config)
-    table = key_table(config)
+    flax_shapes = expected_shapes(config)
+    shapes = torch_shapes(config, flax_shapes)
     dropped = [k for k in sd if k.endswith(("relative_position_index", "attn_mask"))]
-    for k in dropped:
-        _check_dropped_buffer(k, sd[k], config.window_size)
-    known = {e.torch_key for e in table}
-    leftover = sorted(set(sd) - known - set(dropped))
-    missing = sorted(known - set(sd))
+    leftover = sorted(set(sd) - set(shapes) - set(dropped))
+    missing = sorted(set(shapes) - set(sd))
     if missing or leftover:
         raise ConversionError(
             f"state dict does not match {describe(config)}: "
             + "; ".join(p for p in (missing and f"missing {_preview(missing)}", leftover and f"unexpected {_preview(leftover)}") if p)
         )
+    for key, shape in shapes.items():
+        if sd[key].shape != shape:
+            raise ConversionError(f"{key!r} has shape {sd[key].shape}; {describe(config)} needs {shape}")
+    for k in dropped:
+        _check_dropped_buffer(k, sd[k], config.window_size)
     flat = {}
-    for e in table:
+    for e in key_table(config):
         tensor = np.asarray(sd[e.torch_key], np.float32)
+        if not np.isfinite(tensor).all():
+            raise ConversionError(f"{e.torch_key!r} holds NaN or infinite values; a model with them computes nothing")
         parts = np.split(tensor, len(e.flax_paths)) if len(e.flax_paths) > 1 else [tensor]
-        for path, part in zip(e.flax_paths, parts):
-            value = _to_flax(e.kind, part)
-            if value.shape != shapes[path]:
-                raise ConversionError(
-                    f"{e.torch_key!r} has shape {tuple(tensor.shape)}; {path} needs {shapes[path]} after conversion"
-                )
-            flat[path] = value
-    if set(flat) != set(shapes):
-        raise ConversionError(f"key table misses Flax params: {_preview(set(shapes) - set(flat))}")
+        flat.update({path: _to_flax(e.kind, part) for path, part in zip(e.flax_paths, parts)})
+    if set(flat) != set(flax_shapes):
+        raise ConversionError(f"key table misses Flax params: {_preview(set(flax_shapes) - set(flat))}")
     return config, unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
