@@ -29,8 +29,8 @@ from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
 from jaxquant.evaluate import evaluate, evaluate_dataset, results_table
 from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
-from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds
-from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_config, write_results
+from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
+from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_config, write_results
 from jaxquant.visualize import comparison_grid
 from weights_convert.torch_pickle import load_pth
 
@@ -94,6 +94,14 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
             raise ValueError(f"bits must be 2..8, got {self.bits}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.calib_patches < 1 or self.calib_size < 8 or self.validate_every < 1 or self.checkpoint_every < 1:
+            raise ValueError(f"need calib_patches >= 1, calib_size >= 8 (the window) and validation and checkpoint "
+                             f"intervals >= 1, got {self.calib_patches}, {self.calib_size}, {self.validate_every}, "
+                             f"{self.checkpoint_every}")
+        if not self.datasets:
+            raise ValueError("no benchmark to evaluate on (datasets is empty)")
         if self.scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
         unknown = set(self.compare) - set(INITS)
@@ -113,7 +121,11 @@ class QuantizeConfig:
     @classmethod
     def load(cls, run_dir: str | Path) -> "QuantizeConfig":
         """The config a run directory was started with."""
-        return cls.from_dict(read_run_config(Path(run_dir), CONFIG_FILE, RUN_KIND))
+        saved = read_run_config(Path(run_dir), CONFIG_FILE, RUN_KIND)
+        try:
+            return cls.from_dict(saved)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{Path(run_dir) / CONFIG_FILE}: not a run config this version reads ({e!r})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -132,23 +144,41 @@ def load_calibration(source: Path, count: int, size: int, seed: int) -> jax.Arra
         obj = load_pth(source)
         array = obj.get("lq") if isinstance(obj, dict) else None
     elif source.suffix in (".npy", ".npz"):
-        loaded = np.load(source, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            array = loaded
-        else:
-            array = loaded["lq"] if "lq" in loaded.files else (loaded[loaded.files[0]] if len(loaded.files) == 1 else None)
+        array = _load_numpy(source)
     else:
         raise ValueError(f"calibration data must be a folder, .npy, .npz or .pth, got {source}")
-    if array is None:
-        raise ValueError(f"{source}: expected one array (or an 'lq' entry) of calibration images")
-    if array.ndim != 4 or array.shape[1] != 3 or not np.all((array >= 0) & (array <= 1)):
-        raise ValueError(f"{source}: expected calibration images shaped (N, 3, H, W) in [0, 1], got {array.shape}")
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{source}: expected one numeric array (or an 'lq' entry) of calibration images")
+    n, c, h, w = array.shape if array.ndim == 4 else (0, 0, 0, 0)
+    if n < 1 or c != 3 or min(h, w) < 8 or not np.all((array >= 0) & (array <= 1)):
+        raise ValueError(f"{source}: expected calibration images shaped (N, 3, H, W) in [0, 1] with N >= 1 and "
+                         f"H, W >= 8 (the window), got {array.shape}")
     return jnp.asarray(array.transpose(0, 2, 3, 1), jnp.float32)
 
 
+def _load_numpy(source: Path) -> np.ndarray | None:
+    """The array of an `.npy`, or the `lq` (else only) array of an `.npz`; None where there is no such array."""
+    try:
+        loaded = np.load(source, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        names = loaded.files
+        return loaded["lq"] if "lq" in names else (loaded[names[0]] if len(names) == 1 else None)
+    except (ValueError, EOFError, OSError) as e:  # empty, truncated, not numpy, or holding pickled objects
+        raise ValueError(f"{source}: not a readable numpy array ({e})") from None
+
+
 def read_bounds_json(path: Path, model: Model, bits: int) -> dict:
-    named = json.loads(path.read_text())
-    return bounds_from_official(named, model.config, bits)
+    """Bounds for every quantizer of `model` from `{official quantizer name: [l, u]}` (a missing one would
+    silently stay in full precision)."""
+    named = read_json_object(path)
+    missing = sorted(set(map(official_name, list_sites(model.config))) - set(named))
+    if missing:
+        raise ValueError(f"{path}: no bounds for {len(missing)} of the model's quantizers, e.g. {missing[0]}")
+    try:
+        return bounds_from_official(named, model.config, bits)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def write_bounds_json(path: Path, bounds: dict) -> None:
@@ -175,8 +205,7 @@ def run_dqc(
     `stop_after` ends the run early at that step, checkpointed, as a kill would (`log["completed"]` is False).
     """
     dqc = run.dqc
-    train_dir = Path(run.train_dir) if run.train_dir else data_root / "train" / "t291"
-    pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch, keep_hr=False)
+    pool = lr_pool_from_folder(_train_dir(run, data_root), run.scale, min_size=dqc.patch, keep_hr=False)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
     state = (init_state(_copy(bounds), dqc), bounds, key)
@@ -230,6 +259,27 @@ def _read_json(path: Path, default):
 # The whole run
 
 
+def _calib_path(run: QuantizeConfig, data_root: Path) -> Path:
+    return Path(run.calib) if run.calib else data_root / "calib"
+
+
+def _train_dir(run: QuantizeConfig, data_root: Path) -> Path:
+    return Path(run.train_dir) if run.train_dir else data_root / "train" / "t291"
+
+
+def _check_paths(run: QuantizeConfig, data_root: Path, resume: bool) -> None:
+    """Fail before hours of work, and before the run directory is claimed: a run recorded with a bad path
+    could neither be resumed nor started again there. (A resume reads its calibrated bounds back.)"""
+    for name in dict.fromkeys((*run.datasets, *(("Set5",) if run.dqc else ()))):  # DQC validates on Set5
+        benchmark_dir(data_root, name)
+    if not resume and run.import_bounds is None and not _calib_path(run, data_root).exists():
+        raise FileNotFoundError(f"no calibration data at {_calib_path(run, data_root)}")
+    if run.dqc is not None and not _train_dir(run, data_root).is_dir():
+        raise FileNotFoundError(f"no folder of training images at {_train_dir(run, data_root)}")
+    if run.export_bounds and Path(run.export_bounds).is_dir():
+        raise ValueError(f"cannot export bounds to {run.export_bounds}: it is a folder")
+
+
 def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bool = False) -> dict:
     """Calibrate (and optionally distill) the bounds, evaluate every stage, and write the run directory.
 
@@ -237,19 +287,19 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     have been started with the same `run`: the calibrated bounds are read back and DQC goes on from its last
     checkpoint, ending with the bounds of an uninterrupted run."""
     model_path = Path(run.model) if run.model else data_root / "weights" / f"swinir_light_x{run.scale}_t291.pth"
-    model = load_model(model_path)
+    model = load_model(model_path)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:
         raise ValueError(f"{model_path} is a x{model.config.upscale} model, but --scale is {run.scale}")
-    for name in run.datasets:  # fail before hours of work, not after
-        benchmark_dir(data_root, name)
+    imported = read_bounds_json(Path(run.import_bounds), model, run.bits) if run.import_bounds else None
+    _check_paths(run, data_root, resume)
     claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
 
     start = init_bounds(model.config, QuantRules.uniform(run.bits))
     stages: dict[str, dict] = {}
     clock = time.perf_counter()
     seconds = {}  # wall time of each phase in this process, compilation included
-    if run.import_bounds:
-        stages["imported"] = read_bounds_json(Path(run.import_bounds), model, run.bits)
+    if imported is not None:
+        stages["imported"] = imported
     else:
         images = None
         for init in run.calibrations:
@@ -259,8 +309,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
                 stages[label] = read_bounds_json(saved, model, run.bits)
                 continue
             if images is None:
-                calib_path = Path(run.calib) if run.calib else data_root / "calib"
-                images = load_calibration(calib_path, run.calib_patches, run.calib_size, run.seed)
+                images = load_calibration(_calib_path(run, data_root), run.calib_patches, run.calib_size, run.seed)
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
             stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
             write_bounds_json(saved, stages[label])

@@ -238,8 +238,8 @@ def official_name(path: str) -> str:
 
 def local_path(official: str) -> str:
     """The inverse of `official_name`."""
-    head, leaf = official.rsplit(".", 1)
-    if leaf not in _LOCAL_LEAF:
+    head, _, leaf = official.rpartition(".")
+    if not head or leaf not in _LOCAL_LEAF:
         raise ValueError(f"not an official quantizer name: {official!r}")
     head = re.sub(r"(layers|blocks)\.(\d+)", r"\1_\2", head)
     return "/".join([*head.split("."), _LOCAL_LEAF[leaf]])
@@ -257,8 +257,13 @@ def bounds_from_official(named: Mapping[str, Iterable[float]], config: SwinIRCon
         path = local_path(name)
         if path not in sites:
             raise ValueError(f"{name!r} is not a quantization site of this model")
+        try:
+            with np.errstate(over="ignore"):  # checked as stored: 1e300 is finite, but not in float32
+                lu = np.asarray(lu, np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: bounds must be two numbers, got {lu!r}") from e
         check_bounds(lu, where=name)
-        flat[path] = Bounds(jnp.asarray(lu, jnp.float32), bits)
+        flat[path] = Bounds(jnp.asarray(lu), bits)
     return nest_bounds(flat)
 
 

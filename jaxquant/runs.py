@@ -68,6 +68,8 @@ def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, k
     if not resume:
         if path.exists():
             raise FileExistsError(f"{run_dir} already holds a {kind}; resume it or pick another run dir")
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise FileExistsError(f"{run_dir} exists and is not an empty folder; pick another run dir")
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2) + "\n")
         return
@@ -82,7 +84,18 @@ def read_run_config(run_dir: Path, config_file: str, kind: str) -> dict:
     path = Path(run_dir) / config_file
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a {kind} (no {config_file})")
-    return json.loads(path.read_text())
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; anything else is a one-line ValueError naming the file."""
+    try:
+        value = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 class RunCheckpointer:

@@ -18,8 +18,20 @@ from jaxquant.evaluate import results_table
 from jaxquant.pipeline import CALIB_PATCHES, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run
 
 
+# Flags that make others meaningless; giving both is an error rather than a silently ignored setting.
+DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--b2", "--cosine", "--loss", "--feature-weight", "--train-dir"}
+CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "--calib-patches", "--compare"}
+IGNORED_WITH = {
+    "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
+                                                  "--import-bounds", "--export-bounds", "--run-dir", "--seed"},
+    "--no-dqc": DQC_FLAGS,
+    "--import-bounds": CALIBRATION_FLAGS,
+}
+
+
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="weight and activation bits (W=A)")
     p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
     p.add_argument("--model", help="checkpoint or .pth (default: <data root>/weights/swinir_light_x<scale>_t291.pth)")
@@ -49,13 +61,16 @@ def parse_args():
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its settings")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    given = sorted({a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")} - {"--resume", "--data-root"})
-    if args.resume and given:
-        p.error(f"--resume takes the settings from RUN_DIR; drop {' '.join(given)}")
+    given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    for flag, ignored in IGNORED_WITH.items():
+        if flag in given and given & ignored:
+            p.error(f"with {flag}, {' '.join(sorted(given & ignored))} would be ignored; drop them")
     return args
 
 
-def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
+def config_from_args(args, root: Path) -> tuple[QuantizeConfig, str | None]:
+    """The run's settings, with every input path resolved: a run directory then stands alone, and a resume
+    reads the same model and images whatever data root it is given."""
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
@@ -63,13 +78,16 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
         dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight, **overrides)
     count, size = CALIB_PATCHES[preset or "paper"]
     every = VALIDATE_EVERY[preset or "paper"]
+    resolved = lambda path, default=None: str(Path(path or default).resolve()) if path or default else None
     return QuantizeConfig(
-        bits=args.bits, scale=args.scale, model=args.model, method=args.method, strategy=args.dobi_strategy,
-        percentile=args.percentile, calib=args.calib, calib_patches=args.calib_patches or count,
-        calib_size=size, dqc=dqc, train_dir=args.train_dir, validate_every=every, checkpoint_every=every,
-        datasets=tuple(d for d in args.datasets.split(",") if d), import_bounds=args.import_bounds,
-        compare=tuple(c for c in args.compare.split(",") if c),
-        export_bounds=args.export_bounds, seed=args.seed,
+        bits=args.bits, scale=args.scale, model=resolved(args.model, root / "weights" / f"swinir_light_x{args.scale}_t291.pth"),
+        method=args.method, strategy=args.dobi_strategy, percentile=args.percentile,
+        calib=None if args.import_bounds else resolved(args.calib, root / "calib"),
+        calib_patches=count if args.calib_patches is None else args.calib_patches,
+        calib_size=size, dqc=dqc, train_dir=resolved(args.train_dir, root / "train" / "t291") if dqc else None,
+        validate_every=every, checkpoint_every=every, datasets=tuple(d for d in args.datasets.split(",") if d),
+        import_bounds=resolved(args.import_bounds), compare=tuple(c for c in args.compare.split(",") if c),
+        export_bounds=resolved(args.export_bounds), seed=args.seed,
     ), preset
 
 
@@ -81,7 +99,7 @@ def main():
         run_dir, run = args.resume, QuantizeConfig.load(args.resume)
         print(f"resuming {run_dir}")
     else:
-        run, preset = config_from_args(args)
+        run, preset = config_from_args(args, root)
         run_dir = args.run_dir or Path("runs") / f"x{run.scale}_w{run.bits}a{run.bits}"
         print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
     try:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -13,8 +14,8 @@ from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
 from jaxquant import pipeline
-from jaxquant.pipeline import QuantizeConfig, load_calibration, quantize_run, run_dqc
-from jaxquant.quant import QuantRules, flat_bounds, init_bounds
+from jaxquant.pipeline import QuantizeConfig, load_calibration, quantize_run, read_bounds_json, run_dqc
+from jaxquant.quant import QuantRules, flat_bounds, init_bounds, list_sites, official_name
 from jaxquant.swinir import swinir_light
 from test_convert import assert_one_line_error, run_script
 from weights_convert.torch_pickle import save_pth
@@ -48,11 +49,21 @@ def test_calibration_folder_is_sampled_reproducibly():
     assert not np.array_equal(np.asarray(first), np.asarray(load_calibration(folder, 4, 32, seed=1)))
 
 
-@pytest.mark.parametrize("array", [np.zeros((3, 16, 16)), np.full((1, 3, 8, 8), 2.0), np.zeros((1, 1, 8, 8))])
+@pytest.mark.parametrize("array", [np.zeros((3, 16, 16)), np.full((1, 3, 8, 8), 2.0), np.zeros((1, 1, 8, 8)),
+                                   np.zeros((0, 3, 16, 16)), np.zeros((2, 3, 4, 4))])  # no image; under the window
 def test_bad_calibration_arrays_are_refused(tmp_path, array):
     np.save(tmp_path / "bad.npy", array.astype(np.float32))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\) in \[0, 1\]"):
         load_calibration(tmp_path / "bad.npy", 32, 64, 0)
+
+
+def test_unreadable_calibration_files_are_named(tmp_path):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    save_pth(tmp_path / "lq_dict.pth", {"lq": {"nested": np.zeros((1, 3, 8, 8), np.float32)}})
+    for name in ("empty.npy", "objects.npy", "lq_dict.pth"):
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name))):
+            load_calibration(tmp_path / name, 32, 64, 0)
 
 
 def _tiny_dqc(tiny_train_dir) -> tuple[dict, QuantizeConfig]:
@@ -112,17 +123,27 @@ def test_a_run_dir_holds_one_run(tmp_path, data_root):
     with pytest.raises(FileNotFoundError, match="not a quantize run"):
         quantize_run(run, tmp_path / "none", data_root, resume=True)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run_config.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train_config.json").write_text("{}")  # a training run, or any other files
+    with pytest.raises(FileExistsError, match="exists and is not an empty folder"):
+        quantize_run(run, tmp_path / "other", data_root)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["train_config.json"]
 
 
 def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     run_dir = tmp_path / "run"
     exported = tmp_path / "bounds.json"
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for path in list_images(require(DATA_ROOT / "calib"))[:2]:
+        (calib / path.name).symlink_to(path)
     args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2", "--batch", "2",
-            "--b2", "0.999", "--cosine", "--calib-patches", "2", "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir),
-            "--export-bounds", str(exported)]
+            "--b2", "0.999", "--cosine", "--calib", str(calib), "--calib-patches", "2", "--train-dir", str(tiny_train_dir),
+            "--run-dir", str(run_dir), "--export-bounds", str(exported)]
     result = run_script(*args)
     assert result.returncode == 0, result.stderr
     results = json.loads((run_dir / "results.json").read_text())
+    assert all(Path(results["config"][k]).is_absolute() for k in ("model", "calib", "train_dir"))  # it stands alone
     assert list(results["results"]) == ["FP", "MinMax", "DOBI-official", "DQC"]
     assert results["dqc"]["best_step"] == 2 and results["final_bounds"] == "DQC"
     dqc = results["config"]["dqc"]
@@ -145,20 +166,43 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
 
     # The run directory belongs to this run: a new run (even with the same flags) is refused and changes
     # nothing; --resume takes no settings; a resume reads the calibrated bounds back instead of calibrating:
-    # its data root has no calibration images, so calibrating would fail.
+    # the calibration images are gone, so calibrating would fail.
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert_one_line_error(run_script(*args), "already holds a quantize run; resume it or pick another run dir")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     flagged = run_script("scripts/quantize.py", "--resume", str(run_dir), "--bits", "2")
-    assert flagged.returncode == 2 and "drop --bits" in flagged.stderr
-    no_calib = tmp_path / "root"
-    no_calib.mkdir()
-    for name in ("benchmark", "weights"):
-        (no_calib / name).symlink_to(DATA_ROOT / name)
-    resumed = run_script("scripts/quantize.py", "--resume", str(run_dir), "--data-root", str(no_calib))
+    assert flagged.returncode == 2 and "with --resume, --bits would be ignored" in flagged.stderr
+    for path in calib.iterdir():
+        path.unlink()
+    calib.rmdir()
+    resumed = run_script("scripts/quantize.py", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "results.json").read_text())["results"] == results["results"]
     assert len(json.loads((run_dir / "calibration" / "DOBI-official.json").read_text())) == 384
+
+
+def test_imported_bounds_are_checked(tmp_path, t291_model):
+    model = t291_model(2)
+    names = sorted(map(official_name, list_sites(model.config)))
+    full = {name: [-1.0, 1.0] for name in names}
+    cases = {"one site only": ({names[0]: [0, 1]}, "no bounds for 383 of the model's quantizers"),
+             "1e300": (full | {names[0]: [0, 1e300]}, "non-finite bounds [0.0, inf]"),  # finite, but not in float32
+             "a string": (full | {names[0]: [0, "x"]}, "bounds must be two numbers"),
+             "no dot": (full | {"nodot": [0, 1]}, "not an official quantizer name: 'nodot'"),
+             "a list": ([[0, 1]], "expected a JSON object, got list")}
+    for case, (named, message) in cases.items():
+        (tmp_path / "bounds.json").write_text(json.dumps(named))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_bounds_json(tmp_path / "bounds.json", model, 4)
+    (tmp_path / "bounds.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match="bounds.json: not valid JSON"):
+        read_bounds_json(tmp_path / "bounds.json", model, 4)
+    assert len(flat_bounds(read_bounds_json(_write(tmp_path / "ok.json", full), model, 4))) == 384
+
+
+def _write(path: Path, value) -> Path:
+    path.write_text(json.dumps(value))
+    return path
 
 
 def test_quantize_cli_bad_flags_are_one_line(tmp_path):
@@ -168,3 +212,11 @@ def test_quantize_cli_bad_flags_are_one_line(tmp_path):
     result = run_script("scripts/quantize.py", "--no-dqc", "--datasets", "Manga109", "--run-dir", str(tmp_path / "r"))
     assert_one_line_error(result, "Manga109")
     assert_one_line_error(run_script("scripts/quantize.py", "--steps", "0"), "DQC steps must be at least 1, got 0")
+    assert_one_line_error(run_script("scripts/quantize.py", "--percentile", "nan"), "percentile must be in (0, 100]")
+    ignored = run_script("scripts/quantize.py", "--no-dqc", "--steps", "5")
+    assert ignored.returncode == 2 and "with --no-dqc, --steps would be ignored" in ignored.stderr
+    # Inputs are checked before the run directory is claimed, so a corrected rerun is not refused.
+    bad = _write(tmp_path / "subset.json", {"layers.0.residual_group.blocks.0.attn.mymodule_a": [0, 1]})
+    result = run_script("scripts/quantize.py", "--no-dqc", "--import-bounds", str(bad), "--run-dir", str(tmp_path / "q"))
+    assert_one_line_error(result, "no bounds for 383 of the model's quantizers")
+    assert not (tmp_path / "q").exists()
