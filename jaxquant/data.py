@@ -23,6 +23,10 @@ from jaxquant.metrics import to_uint8
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DATA_ROOT_ENV = "JAXQUANT_DATA"
+# SwinIR flip-pads each LR side up to a multiple of its window by appending the side's mirror, which needs
+# the side to be at least the pad: 4 for SwinIR-light's window of 8. One such window is a plain rule that
+# holds for every window up to 16.
+MIN_LR_SIDE = 8
 
 # --------------------------------------------------------------------------- data root
 
@@ -82,6 +86,19 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def check_output_path(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Refuse, before any work is done, an output path that cannot be written: an existing file where a
+    folder is wanted or the reverse, a path under a file, or one in a read-only folder."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise FileExistsError(f"{path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() and existing != path:
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot write {path}: {existing} is read-only")
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -207,12 +224,20 @@ def benchmark_dir(data_root: Path, name: str) -> Path:
 
 
 def load_benchmark(data_root: str | os.PathLike, name: str, scale: int) -> list[BenchmarkImage]:
-    """HR/LR pairs of benchmark `name` at integer `scale` (LR made by `imresize` when absent)."""
+    """HR/LR pairs of benchmark `name` at integer `scale` (LR made by `imresize` when absent).
+
+    An HR image whose LR would have a side under `MIN_LR_SIDE` is refused, naming the file."""
     dataset_dir = benchmark_dir(Path(data_root), name)
     lr_dir = dataset_dir / "LR_bicubic" / f"X{scale}"
     pairs = []
     for hr_path in list_images(dataset_dir / "HR"):
-        hr = modcrop(read_image(hr_path), scale)
+        hr = read_image(hr_path)
+        if min(hr.shape[:2]) // scale < MIN_LR_SIDE:
+            raise ValueError(
+                f"benchmark image {hr_path} is {hr.shape[1]}x{hr.shape[0]}, too small for x{scale}: "
+                f"each side must be at least {MIN_LR_SIDE * scale} (an LR side of {MIN_LR_SIDE}, the model window)"
+            )
+        hr = modcrop(hr, scale)
         lr_path = lr_dir / f"{hr_path.stem}x{scale}.png"
         lr = read_image(lr_path) if lr_path.is_file() else imresize(hr, 1 / scale)
         expected_shape = (hr.shape[0] // scale, hr.shape[1] // scale, 3)

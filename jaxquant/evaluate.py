@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxquant.checkpoint import Model
-from jaxquant.data import load_benchmark, write_image
+from jaxquant.data import benchmark_dir, load_benchmark, write_image
 from jaxquant.metrics import psnr_y, ssim_y, to_uint8
 from jaxquant.quant import quantized_site
 from jaxquant.swinir import SwinIR, SwinIRConfig
@@ -59,6 +59,8 @@ def evaluate_dataset(
 
 def evaluate(model: Model, data_root: str | Path, datasets: Sequence[str], **kwargs) -> dict[str, dict]:
     """`{dataset: evaluate_dataset(...)}` for every dataset, in order."""
+    for name in datasets:  # a missing one fails before any other is evaluated
+        benchmark_dir(Path(data_root), name)
     return {name: evaluate_dataset(model, data_root, name, **kwargs) for name in datasets}
 
 

@@ -9,9 +9,19 @@ from pathlib import Path
 
 from jaxquant.checkpoint import load_model
 from jaxquant.cli import main_guard
-from jaxquant.data import resolve_data_root
+from jaxquant.data import check_output_path, resolve_data_root
 from jaxquant.evaluate import evaluate, results_table
 from weights_convert.swinir import describe
+
+
+def check_outputs(out: Path | None, images_dir: Path | None) -> None:
+    """Refuse output paths that cannot be written now, not after the whole evaluation."""
+    if out:
+        check_output_path(out)
+    if images_dir:
+        check_output_path(images_dir, folder=True)
+        if out and out.resolve() in (images_dir.resolve(), *images_dir.resolve().parents):
+            raise ValueError(f"--out {out} would be a folder once the images are saved under {images_dir}")
 
 
 @main_guard
@@ -24,6 +34,9 @@ def main():
     parser.add_argument("--save-images", type=Path, metavar="DIR", help="write the SR images here")
     args = parser.parse_args()
     datasets = [d for d in args.datasets.split(",") if d]
+    if not datasets:
+        raise ValueError(f"--datasets {args.datasets!r} names no benchmark")
+    check_outputs(args.out, args.save_images)
     root = resolve_data_root(args.data_root)
     model = load_model(args.model)
     kind = "FP" if model.bounds is None else "quantized"

@@ -4,10 +4,28 @@
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from jaxquant.cli import main_guard
+from jaxquant.data import check_output_path
+from jaxquant.runs import read_run_config
+
+RESULTS_FILE = "results.json"
+
+
+def run_row(run_dir: Path, dataset: str) -> tuple[str, dict[str, dict], object]:
+    """(row name, {stage: `dataset` scores}, DQC step kept) of one finished quantize run."""
+    results = read_run_config(run_dir, RESULTS_FILE, "finished quantize run")
+    path = run_dir / RESULTS_FILE
+    config, stages = results.get("config"), results.get("results")
+    if not (isinstance(stages, dict) and isinstance(config, dict) and {"scale", "bits"} <= config.keys()):
+        raise ValueError(f"{path}: not a quantize run's results (no 'results', or no 'config' with scale and bits)")
+    scores = {name: r[dataset] for name, r in stages.items() if dataset in r}
+    if not scores:
+        found = sorted({name for r in stages.values() for name in r})
+        raise ValueError(f"{path}: no {dataset} results (has {', '.join(found) or 'none'})")
+    dqc = results.get("dqc") or {}
+    return f"x{config['scale']} W{config['bits']}A{config['bits']}", scores, dqc.get("best_step", "-")
 
 
 @main_guard
@@ -17,14 +35,10 @@ def main():
     parser.add_argument("--dataset", default="Set5")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
-    rows, columns = [], []
-    for run_dir in args.runs:
-        results = json.loads((run_dir / "results.json").read_text())
-        config = results["config"]
-        scores = {name: r[args.dataset] for name, r in results["results"].items()}
-        columns += [c for c in scores if c not in columns]
-        dqc = results.get("dqc") or {}
-        rows.append((f"x{config['scale']} W{config['bits']}A{config['bits']}", scores, dqc.get("best_step", "-")))
+    if args.out:
+        check_output_path(args.out)
+    rows = [run_row(run_dir, args.dataset) for run_dir in args.runs]
+    columns = list(dict.fromkeys(stage for _, scores, _ in rows for stage in scores))
     lines = [f"| {args.dataset} PSNR / SSIM | " + " | ".join(columns) + " | DQC step kept |",
              "|" + "---|" * (len(columns) + 2)]
     for name, scores, step in rows:

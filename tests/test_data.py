@@ -8,6 +8,7 @@ from PIL import Image
 
 from jaxquant.data import (
     BenchmarkImage,
+    check_output_path,
     default_data_root,
     imresize,
     list_images,
@@ -244,12 +245,47 @@ def test_load_benchmark_missing_dataset_names_path():
 
 
 def test_load_benchmark_synthetic_layout(tmp_path):
-    hr = np.random.default_rng(2).integers(0, 256, (13, 10, 3), dtype=np.uint8)
+    hr = np.random.default_rng(2).integers(0, 256, (21, 16, 3), dtype=np.uint8)
     write_image(tmp_path / "benchmark/Toy/HR/img.png", hr)
     (pair,) = load_benchmark(tmp_path, "Toy", 2)
-    np.testing.assert_array_equal(pair.hr, hr[:12])
-    np.testing.assert_array_equal(pair.lr, imresize(hr[:12], 1 / 2))
+    np.testing.assert_array_equal(pair.hr, hr[:20])
+    np.testing.assert_array_equal(pair.lr, imresize(hr[:20], 1 / 2))
 
-    write_image(tmp_path / "benchmark/Toy/LR_bicubic/X2/imgx2.png", np.zeros((5, 5, 3), np.uint8))
-    with pytest.raises(ValueError, match="expected \\(6, 5, 3\\)"):
+    write_image(tmp_path / "benchmark/Toy/LR_bicubic/X2/imgx2.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="expected \\(10, 8, 3\\)"):
         load_benchmark(tmp_path, "Toy", 2)
+
+
+@pytest.mark.parametrize("height, width, scale", [(1, 1, 2), (3, 3, 2), (15, 40, 2), (40, 31, 4)])
+def test_load_benchmark_refuses_images_with_an_lr_side_under_a_window(height, width, scale, tmp_path):
+    # An LR side of 1 to 3 breaks the model's flip-pad (and a 0-pixel one imresize): all are refused by name.
+    path = tmp_path / "benchmark/Toy/HR/small.png"
+    write_image(path, np.zeros((height, width, 3), np.uint8))
+    with pytest.raises(ValueError) as error:
+        load_benchmark(tmp_path, "Toy", scale)
+    assert str(error.value).startswith(f"benchmark image {path} is {width}x{height}, too small for x{scale}")
+    assert f"at least {8 * scale}" in str(error.value)
+
+
+def test_load_benchmark_accepts_an_lr_side_of_one_window(tmp_path):
+    write_image(tmp_path / "benchmark/Toy/HR/edge.png", np.zeros((17, 33, 3), np.uint8))
+    (pair,) = load_benchmark(tmp_path, "Toy", 2)
+    assert pair.lr.shape == (8, 16, 3)
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+def test_check_output_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    check_output_path(tmp_path / "file")  # overwritten, as a file should be
+    check_output_path(tmp_path / "new" / "deeper" / "out.json")
+    check_output_path(tmp_path, folder=True)
+    check_output_path(tmp_path / "new" / "images", folder=True)
+    with pytest.raises(FileExistsError, match=f"{tmp_path} is a folder, not a file"):
+        check_output_path(tmp_path)
+    with pytest.raises(FileExistsError, match="file is a file, not a folder"):
+        check_output_path(tmp_path / "file", folder=True)
+    for folder in (False, True):
+        with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file'} is a file, not a folder"):
+            check_output_path(tmp_path / "file" / "below" / "out", folder=folder)

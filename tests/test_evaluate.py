@@ -1,4 +1,5 @@
-"""Evaluation protocol end to end: Set5 PSNR of the converted t291 models equals the official measurement."""
+"""Evaluation protocol end to end: Set5 PSNR of the converted t291 models equals the official measurement.
+evaluate.py and summarize.py refuse bad input in one line, before any work they would lose."""
 
 import json
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT, require
-from test_convert import assert_one_line_error, run_script
+from jaxquant.data import write_image
+from test_convert import REPO, assert_one_line_error, run_script
 
 OFFICIAL_SET5_PSNR = {2: 35.06, 4: 28.89}  # official SwinIR forward on the same weights (shared/data/SOURCES.md)
 
@@ -29,3 +31,97 @@ def test_missing_dataset_is_one_line(tmp_path):
     weights = require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth")
     result = run_script("scripts/evaluate.py", "--model", str(weights), "--datasets", "Urban100")
     assert_one_line_error(result, str(DATA_ROOT / "benchmark" / "Urban100"))
+
+
+# --------------------------------------------------------------------------- bad input: one line, nothing lost
+
+
+@pytest.fixture
+def small_root(tmp_path):
+    """A data root whose only benchmark, 'Small', holds one 16x16 image (an 8x8 LR at x2)."""
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+    write_image(tmp_path / "root" / "benchmark" / "Small" / "HR" / "a.png", image)
+    return tmp_path / "root"
+
+
+def evaluate_x2(*args):
+    weights = require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth")
+    return run_script("scripts/evaluate.py", "--model", str(weights), *args)
+
+
+def test_too_small_benchmark_image_is_one_line(small_root):
+    write_image(small_root / "benchmark" / "Tiny" / "HR" / "dot.png", np.zeros((3, 3, 3), np.uint8))
+    result = evaluate_x2("--data-root", str(small_root), "--datasets", "Tiny")
+    assert_one_line_error(result, f"{small_root / 'benchmark' / 'Tiny' / 'HR' / 'dot.png'} is 3x3")
+
+
+def test_empty_dataset_list_is_one_line(small_root):
+    result = evaluate_x2("--data-root", str(small_root), "--datasets", ",")
+    assert_one_line_error(result, "names no benchmark")
+
+
+def test_missing_dataset_fails_before_any_is_evaluated(small_root, tmp_path):
+    result = evaluate_x2("--data-root", str(small_root), "--datasets", "Small,Nope",
+                         "--save-images", str(tmp_path / "sr"))
+    assert_one_line_error(result, "benchmark 'Nope' not found")
+    assert not (tmp_path / "sr").exists()
+
+
+@pytest.mark.parametrize("case", ["out is a folder", "out under a file", "images dir is a file", "out is images dir"])
+def test_unwritable_outputs_fail_before_evaluating(case, small_root, tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("kept\n")
+    out, images = {
+        "out is a folder": (tmp_path / "folder", tmp_path / "sr"),
+        "out under a file": (tmp_path / "file" / "results.json", tmp_path / "sr"),
+        "images dir is a file": (tmp_path / "results.json", tmp_path / "file"),
+        "out is images dir": (tmp_path / "sr", tmp_path / "sr"),
+    }[case]
+    result = evaluate_x2("--data-root", str(small_root), "--datasets", "Small", "--out", str(out),
+                         "--save-images", str(images))
+    assert_one_line_error(result, str(out if case.startswith("out") else images))
+    assert result.stdout == ""  # refused before the model was even loaded
+    assert not (tmp_path / "sr").exists() and (tmp_path / "file").read_text() == "kept\n"
+
+
+# --------------------------------------------------------------------------- summarize.py
+
+
+def write_run(run_dir, results):
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    return run_dir
+
+
+def quantize_results(bits, psnr):
+    scores = {"Set5": {"psnr": psnr, "ssim": 0.9}}
+    return {"config": {"scale": 2, "bits": bits}, "results": {"FP": scores, "DQC": scores}, "dqc": {"best_step": 80}}
+
+
+def test_summarize_tabulates_runs(tmp_path):
+    runs = [write_run(tmp_path / f"w{b}", quantize_results(b, 30.0 + b)) for b in (4, 3)]
+    result = run_script("scripts/summarize.py", *map(str, runs), "--out", str(tmp_path / "table.md"))
+    assert result.returncode == 0, result.stderr
+    assert "| x2 W3A3 | 33.000 / 0.9000 | 33.000 / 0.9000 | 80 |" in result.stdout
+    assert (tmp_path / "table.md").read_text() == result.stdout
+
+
+@pytest.mark.parametrize("results, message", [
+    pytest.param(None, "run is not a finished quantize run (no results.json)", id="no results"),
+    pytest.param("{oops", "run/results.json: not valid JSON", id="malformed"),
+    pytest.param("[1, 2]", "run/results.json: expected a JSON object, got list", id="a list"),
+    pytest.param({"set5_psnr_y": 30.0, "config": {"scale": 2}}, "run/results.json: not a quantize run's results",
+                 id="training run"),
+    pytest.param(quantize_results(4, 30.0), "run/results.json: no Set14 results (has Set5)", id="no Set14"),
+])
+def test_summarize_refuses_what_is_not_a_finished_quantize_run(results, message, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir() if results is None else write_run(run_dir, results)
+    result = run_script(str(REPO / "scripts" / "summarize.py"), "run", "--dataset", "Set14", cwd=tmp_path)
+    assert_one_line_error(result, message)
+
+
+def test_summarize_refuses_a_folder_as_out(tmp_path):
+    run_dir = write_run(tmp_path / "run", quantize_results(4, 30.0))
+    result = run_script("scripts/summarize.py", str(run_dir), "--out", str(tmp_path))
+    assert_one_line_error(result, f"{tmp_path} is a folder, not a file")
