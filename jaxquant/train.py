@@ -80,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be in [0, steps), got {self.warmup} (steps {self.steps})")
         if self.val_every < 0:
             raise ValueError(f"val_every must be >= 0, got {self.val_every}")
+        if not self.lr > 0:  # also refuses NaN, which trained to a NaN loss and reported "done"
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
     @property
     def swinir(self) -> SwinIRConfig:

@@ -183,6 +183,9 @@ def test_config_round_trip_and_checks():
         TrainConfig(scale=4, model=TINY)
     with pytest.raises(ValueError, match="warmup"):
         TrainConfig(steps=10, warmup=10)
+    for lr in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="lr must be > 0"):
+            TrainConfig(lr=lr)
 
 
 def train_cli(argv: list[str]) -> None:
