@@ -143,6 +143,9 @@ def test_run_dir_guards(tiny_root, tmp_path):
         train(cfg, tmp_path / "run")
     with pytest.raises(ValueError, match=r"\(lr, seed differ\)"):
         train(dataclasses.replace(cfg, lr=2e-3, seed=1), tmp_path / "run", resume=True)
+    with pytest.raises(FileNotFoundError):  # inputs load before the run dir is claimed
+        train(dataclasses.replace(cfg, train_dir=str(tmp_path / "nowhere")), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_init_x4_from_x2_keeps_body_and_reinitialises_upsampler(tiny_root, tmp_path):
