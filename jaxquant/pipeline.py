@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.checkpoint import Model, load_model, save_model
-from jaxquant.data import benchmark_dir, list_images, load_benchmark, read_image
+from jaxquant.data import benchmark_dir, check_output_path, list_images, load_benchmark, read_image
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
 from jaxquant.evaluate import evaluate, evaluate_dataset, results_table
 from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
-from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_config, write_results
+from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_json, write_results
 from jaxquant.visualize import comparison_grid
 from weights_convert.torch_pickle import load_pth
 
@@ -118,10 +118,23 @@ class QuantizeConfig:
         from, and which a run without DQC keeps), each once."""
         return [*(c for c in dict.fromkeys(self.compare) if c != self.init_name), self.init_name]
 
+    def with_paths(self, data_root: Path) -> "QuantizeConfig":
+        """This config with every path it reads or writes absolute and the data root's defaults filled in: a
+        run directory then stands alone, and a resume reads the same model and images whatever data root."""
+        absolute = lambda path: str(Path(path).resolve()) if path else None
+        return dataclasses.replace(
+            self,
+            model=absolute(self.model or data_root / "weights" / f"swinir_light_x{self.scale}_t291.pth"),
+            calib=None if self.import_bounds else absolute(self.calib or data_root / "calib"),
+            train_dir=absolute(self.train_dir or data_root / "train" / "t291") if self.dqc else None,
+            import_bounds=absolute(self.import_bounds),
+            export_bounds=absolute(self.export_bounds),
+        )
+
     @classmethod
     def load(cls, run_dir: str | Path) -> "QuantizeConfig":
         """The config a run directory was started with."""
-        saved = read_run_config(Path(run_dir), CONFIG_FILE, RUN_KIND)
+        saved = read_run_json(Path(run_dir), CONFIG_FILE, RUN_KIND)
         try:
             return cls.from_dict(saved)
         except (KeyError, TypeError) as e:
@@ -205,7 +218,8 @@ def run_dqc(
     `stop_after` ends the run early at that step, checkpointed, as a kill would (`log["completed"]` is False).
     """
     dqc = run.dqc
-    pool = lr_pool_from_folder(_train_dir(run, data_root), run.scale, min_size=dqc.patch, keep_hr=False)
+    train_dir = run.with_paths(data_root).train_dir
+    pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch, keep_hr=False)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
     state = (init_state(_copy(bounds), dqc), bounds, key)
@@ -259,25 +273,17 @@ def _read_json(path: Path, default):
 # The whole run
 
 
-def _calib_path(run: QuantizeConfig, data_root: Path) -> Path:
-    return Path(run.calib) if run.calib else data_root / "calib"
-
-
-def _train_dir(run: QuantizeConfig, data_root: Path) -> Path:
-    return Path(run.train_dir) if run.train_dir else data_root / "train" / "t291"
-
-
 def _check_paths(run: QuantizeConfig, data_root: Path, resume: bool) -> None:
     """Fail before hours of work, and before the run directory is claimed: a run recorded with a bad path
     could neither be resumed nor started again there. (A resume reads its calibrated bounds back.)"""
     for name in dict.fromkeys((*run.datasets, *(("Set5",) if run.dqc else ()))):  # DQC validates on Set5
         benchmark_dir(data_root, name)
-    if not resume and run.import_bounds is None and not _calib_path(run, data_root).exists():
-        raise FileNotFoundError(f"no calibration data at {_calib_path(run, data_root)}")
-    if run.dqc is not None and not _train_dir(run, data_root).is_dir():
-        raise FileNotFoundError(f"no folder of training images at {_train_dir(run, data_root)}")
-    if run.export_bounds and Path(run.export_bounds).is_dir():
-        raise ValueError(f"cannot export bounds to {run.export_bounds}: it is a folder")
+    if not resume and run.calib and not Path(run.calib).exists():
+        raise FileNotFoundError(f"no calibration data at {run.calib}")
+    if run.train_dir and not Path(run.train_dir).is_dir():
+        raise FileNotFoundError(f"no folder of training images at {run.train_dir}")
+    if run.export_bounds:
+        check_output_path(run.export_bounds)
 
 
 def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bool = False) -> dict:
@@ -286,10 +292,10 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     A new run needs a run directory that holds no run. `resume` continues the run in `run_dir`, which must
     have been started with the same `run`: the calibrated bounds are read back and DQC goes on from its last
     checkpoint, ending with the bounds of an uninterrupted run."""
-    model_path = Path(run.model) if run.model else data_root / "weights" / f"swinir_light_x{run.scale}_t291.pth"
-    model = load_model(model_path)._replace(bounds=None)  # the FP weights, whatever the source
+    run = run.with_paths(data_root)
+    model = load_model(run.model)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:
-        raise ValueError(f"{model_path} is a x{model.config.upscale} model, but --scale is {run.scale}")
+        raise ValueError(f"{run.model} is a x{model.config.upscale} model, but --scale is {run.scale}")
     imported = read_bounds_json(Path(run.import_bounds), model, run.bits) if run.import_bounds else None
     _check_paths(run, data_root, resume)
     claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
@@ -309,7 +315,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
                 stages[label] = read_bounds_json(saved, model, run.bits)
                 continue
             if images is None:
-                images = load_calibration(_calib_path(run, data_root), run.calib_patches, run.calib_size, run.seed)
+                images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed)
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
             stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
             write_bounds_json(saved, stages[label])
@@ -336,7 +342,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     )
     results = {
         "config": run.to_dict(),
-        "model": str(model_path),
+        "model": run.model,
         "final_bounds": final_name,
         "results": rows,
         "dqc": dqc_log,

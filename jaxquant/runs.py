@@ -73,17 +73,17 @@ def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, k
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config, indent=2) + "\n")
         return
-    saved, current = read_run_config(run_dir, config_file, kind), json.loads(json.dumps(config))
+    saved, current = read_run_json(run_dir, config_file, kind), json.loads(json.dumps(config))
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if changed:
         raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
 
 
-def read_run_config(run_dir: Path, config_file: str, kind: str) -> dict:
-    """The config (JSON dict) a run dir was started with."""
-    path = Path(run_dir) / config_file
+def read_run_json(run_dir: Path, name: str, kind: str) -> dict:
+    """The JSON object a run dir holds as `name` (its config, its results); missing, it is not a `kind`."""
+    path = Path(run_dir) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a {kind} (no {config_file})")
+        raise FileNotFoundError(f"{run_dir} is not a {kind} (no {name})")
     return read_json_object(path)
 
 

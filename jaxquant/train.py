@@ -35,7 +35,7 @@ from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
 from jaxquant.evaluate import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
-from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_config, write_results
+from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_json, write_results
 from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
 
 Array = jax.Array
@@ -208,7 +208,7 @@ def validate(config: SwinIRConfig, params: Params, images: Sequence[BenchmarkIma
 
 def load_config(run_dir: str | Path) -> TrainConfig:
     """The config a run directory was started with."""
-    return TrainConfig.from_dict(read_run_config(Path(run_dir), CONFIG_FILE, RUN_KIND))
+    return TrainConfig.from_dict(read_run_json(Path(run_dir), CONFIG_FILE, RUN_KIND))
 
 
 def _results_table(cfg: TrainConfig, results: dict) -> str:

@@ -68,9 +68,7 @@ def parse_args():
     return args
 
 
-def config_from_args(args, root: Path) -> tuple[QuantizeConfig, str | None]:
-    """The run's settings, with every input path resolved: a run directory then stands alone, and a resume
-    reads the same model and images whatever data root it is given."""
+def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
@@ -78,16 +76,12 @@ def config_from_args(args, root: Path) -> tuple[QuantizeConfig, str | None]:
         dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight, **overrides)
     count, size = CALIB_PATCHES[preset or "paper"]
     every = VALIDATE_EVERY[preset or "paper"]
-    resolved = lambda path, default=None: str(Path(path or default).resolve()) if path or default else None
     return QuantizeConfig(
-        bits=args.bits, scale=args.scale, model=resolved(args.model, root / "weights" / f"swinir_light_x{args.scale}_t291.pth"),
-        method=args.method, strategy=args.dobi_strategy, percentile=args.percentile,
-        calib=None if args.import_bounds else resolved(args.calib, root / "calib"),
-        calib_patches=count if args.calib_patches is None else args.calib_patches,
-        calib_size=size, dqc=dqc, train_dir=resolved(args.train_dir, root / "train" / "t291") if dqc else None,
-        validate_every=every, checkpoint_every=every, datasets=tuple(d for d in args.datasets.split(",") if d),
-        import_bounds=resolved(args.import_bounds), compare=tuple(c for c in args.compare.split(",") if c),
-        export_bounds=resolved(args.export_bounds), seed=args.seed,
+        bits=args.bits, scale=args.scale, model=args.model, method=args.method, strategy=args.dobi_strategy,
+        percentile=args.percentile, calib=args.calib, calib_patches=count if args.calib_patches is None else args.calib_patches,
+        calib_size=size, dqc=dqc, train_dir=args.train_dir, validate_every=every, checkpoint_every=every,
+        datasets=tuple(d for d in args.datasets.split(",") if d), import_bounds=args.import_bounds,
+        compare=tuple(c for c in args.compare.split(",") if c), export_bounds=args.export_bounds, seed=args.seed,
     ), preset
 
 
@@ -99,7 +93,7 @@ def main():
         run_dir, run = args.resume, QuantizeConfig.load(args.resume)
         print(f"resuming {run_dir}")
     else:
-        run, preset = config_from_args(args, root)
+        run, preset = config_from_args(args)
         run_dir = args.run_dir or Path("runs") / f"x{run.scale}_w{run.bits}a{run.bits}"
         print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
     try:

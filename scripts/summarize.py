@@ -8,14 +8,14 @@ from pathlib import Path
 
 from jaxquant.cli import main_guard
 from jaxquant.data import check_output_path
-from jaxquant.runs import read_run_config
+from jaxquant.runs import read_run_json
 
 RESULTS_FILE = "results.json"
 
 
 def run_row(run_dir: Path, dataset: str) -> tuple[str, dict[str, dict], object]:
     """(row name, {stage: `dataset` scores}, DQC step kept) of one finished quantize run."""
-    results = read_run_config(run_dir, RESULTS_FILE, "finished quantize run")
+    results = read_run_json(run_dir, RESULTS_FILE, "finished quantize run")
     path = run_dir / RESULTS_FILE
     config, stages = results.get("config"), results.get("results")
     if not (isinstance(stages, dict) and isinstance(config, dict) and {"scale", "bits"} <= config.keys()):

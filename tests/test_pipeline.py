@@ -115,7 +115,7 @@ def test_the_main_initialisation_is_calibrated_last():
 def test_a_run_dir_holds_one_run(tmp_path, data_root):
     run = QuantizeConfig(bits=2, dqc=None)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run_config.json").write_text(json.dumps(run.to_dict()))
+    (tmp_path / "run" / "run_config.json").write_text(json.dumps(run.with_paths(data_root).to_dict()))
     with pytest.raises(FileExistsError, match="already holds a quantize run"):
         quantize_run(run, tmp_path / "run", data_root)
     with pytest.raises(ValueError, match=r"\(bits, seed differ\)"):
