@@ -8,8 +8,12 @@ and a run directory of `scripts/quantize.py` (its `model/` checkpoint).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
+import sys
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -72,17 +76,46 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def _restore_checkpoint(directory: Path) -> Model:
-    with _checkpointer() as ckptr:
-        names = set(ckptr.metadata(directory).item_metadata.keys())
-        if not {"config", "params"} <= names:
-            raise ValueError(f"{directory} is an orbax checkpoint but not a jaxquant model (items: {sorted(names)})")
-        restore = {"config": ocp.args.JsonRestore(), "params": ocp.args.StandardRestore()}
-        if "bounds" in names:
-            restore |= {"bounds": ocp.args.StandardRestore(), "bits": ocp.args.JsonRestore()}
+    names = {item.name for item in directory.iterdir() if item.is_dir()}  # a composite checkpoint's items
+    if not {"config", "params"} <= names:
+        raise ValueError(f"{directory} is an orbax checkpoint but not a jaxquant model (items: {sorted(names)})")
+    missing = {"bounds", "bits"} - names
+    if len(missing) == 1:  # the other alone would load a quantized model as the FP one
+        raise ValueError(f"{directory} is a damaged quantized model: its {missing.pop()} item is missing")
+    restore = {"config": ocp.args.JsonRestore(), "params": ocp.args.StandardRestore()}
+    if not missing:
+        restore |= {"bounds": ocp.args.StandardRestore(), "bits": ocp.args.JsonRestore()}
+    with _checkpointer() as ckptr, reading_checkpoint(directory):
         got = ckptr.restore(directory, ocp.args.Composite(**restore))
     config = SwinIRConfig.from_dict(got["config"])
-    bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if "bounds" in names else None
+    bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if not missing else None
     return Model(config, got["params"], bounds)
+
+
+@contextlib.contextmanager
+def reading_checkpoint(directory: Path) -> Iterator[None]:
+    """Turn a damaged orbax checkpoint (a truncated, missing or garbled file) into one ValueError naming it."""
+    _quiet_abandoned_reads()  # before the read: the abandoned reads start finishing while the error unwinds
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        cause = str(e).split(" [tensorstore_spec=")[0]  # the rest is tensorstore's whole JSON spec
+        raise ValueError(f"{directory} is a damaged checkpoint: {cause}") from None
+
+
+@functools.cache
+def _quiet_abandoned_reads() -> None:
+    """When one array of a restore fails, orbax abandons the reads still in flight: as each finishes,
+    tensorstore calls back into the closed event loop (a traceback each, hundreds for a model) and asyncio logs
+    each abandoned task or future. The restore's own error says what went wrong, so drop those."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def load_model(source: str | Path, param_key: str | None = None) -> Model:

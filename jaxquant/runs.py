@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from jaxquant.checkpoint import reading_checkpoint
+
 
 def _is_typed_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -126,11 +128,12 @@ class RunCheckpointer:
         step = self._manager.latest_step()
         if step is None:
             return None
-        template = _pack(target)
-        saved = {dtype: tuple(array.shape) for dtype, array in self._manager.item_metadata(step).items()}
-        if saved != {dtype: array.shape for dtype, array in template.items()}:  # orbax would truncate a longer array
-            raise ValueError(f"{self._manager.directory / str(step)} holds another kind of run state (saved array sizes {saved})")
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(template))
+        directory = self._manager.directory / str(step)
+        with reading_checkpoint(directory):  # restored as saved, with no template to fit (or truncate) it to
+            restored = self._manager.restore(step, args=ocp.args.StandardRestore())
+        saved = {dtype: array.shape for dtype, array in restored.items()}
+        if saved != {dtype: array.shape for dtype, array in _pack(target).items()}:
+            raise ValueError(f"{directory} holds another kind of run state (saved array sizes {saved})")
         return jax.tree.map(_placed_like, target, _unpack(restored, target))
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """PyTorch -> Flax conversion: layouts accepted, config inference, and loud refusals (in the library and the CLI)."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT, require
-from jaxquant.checkpoint import load_model, save_model
+from jaxquant.checkpoint import Model, load_model, save_model
+from jaxquant.quant import QuantRules, init_bounds
 from weights_convert.swinir import ConversionError, flax_to_torch, infer_config, torch_to_flax, unwrap_state_dict
 from weights_convert.torch_pickle import load_pth, save_pth
 from jaxquant.swinir import shifted_window_mask
@@ -218,3 +220,26 @@ def test_convert_cli_refuses_param_key_for_a_checkpoint(tmp_path):
     result = run_script("scripts/convert.py", str(checkpoint), "--param-key", "bogus", "-o", str(tmp_path / "out"))
     assert_one_line_error(result, "--param-key applies to a .pth file")
     assert not (tmp_path / "out").exists()
+
+
+def _damage(checkpoint: Path, case: str) -> None:
+    if case == "truncated":
+        for data in (checkpoint / "params" / "d").iterdir():
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif case == "bounds_missing":
+        shutil.rmtree(checkpoint / "bounds")
+    else:
+        (checkpoint / "config" / "metadata").write_text("{")
+
+
+@pytest.mark.parametrize("case, cause", [
+    ("truncated", "is a damaged checkpoint: OUT_OF_RANGE"),
+    ("bounds_missing", "is a damaged quantized model: its bounds item is missing"),  # it loaded as the FP model
+    ("config_garbled", "is a damaged checkpoint: Expecting property name"),
+])
+def test_a_damaged_model_checkpoint_is_one_line(tmp_path, case, cause):
+    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
+    checkpoint = save_model(tmp_path / "q", Model(model.config, model.params, init_bounds(model.config, QuantRules.uniform(4))))
+    _damage(checkpoint, case)
+    result = run_script("scripts/evaluate.py", "--model", str(checkpoint), "--datasets", "Set5")
+    assert_one_line_error(result, f"{checkpoint} {cause}")  # one line: not orbax's abandoned reads, one traceback each

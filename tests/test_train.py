@@ -133,6 +133,17 @@ def test_a_checkpoint_of_another_state_is_refused(tmp_path):
         assert ckpt.restore_latest({"bounds": jnp.zeros(6), "step": jnp.int32(0)})["step"] == 1
 
 
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    state = {"bounds": jnp.arange(4.0), "step": jnp.int32(1)}
+    with RunCheckpointer(tmp_path, every=1) as ckpt:
+        ckpt.save(1, state)
+        ckpt.save(2, state)
+        for data in (tmp_path / "checkpoints" / "2").rglob("d/*"):
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        with pytest.raises(ValueError, match=rf"^{tmp_path}/checkpoints/2 is a damaged checkpoint: OUT_OF_RANGE"):
+            ckpt.restore_latest(state)
+
+
 def test_run_dir_guards(tiny_root, tmp_path):
     cfg = tiny_config(tiny_root)
     with pytest.raises(FileNotFoundError, match="not a training run"):
