@@ -1,27 +1,31 @@
-"""Shared command-line plumbing: expected failures end in one line on stderr, never a traceback."""
+"""Shared command-line plumbing: expected failures and warnings are one line on stderr, never a traceback."""
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Callable
 
-from weights_convert.torch_pickle import PthError
-
-EXPECTED_ERRORS = (PthError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-                   KeyError)
+EXPECTED_ERRORS = (ValueError, OSError, KeyError)  # bad input (PthError is a ValueError) or a failing disk
 
 
-def main_guard(main: Callable[[], int | None]) -> Callable[[], None]:
-    """Run `main`, turning expected errors and Ctrl-C into a one-line message and exit status."""
+def main_guard(main: Callable[..., None]) -> Callable[..., None]:
+    """Run `main`, turning expected errors and Ctrl-C into a one-line message and exit status, and printing
+    warnings as one line each (not with the source line that raised them)."""
 
     @functools.wraps(main)
-    def run() -> None:
+    def run(*args, **kwargs) -> None:
+        warnings.formatwarning = _one_line_warning
         try:
-            sys.exit(main())
+            main(*args, **kwargs)
         except EXPECTED_ERRORS as e:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:
             sys.exit("interrupted")
 
     return run
+
+
+def _one_line_warning(message: Warning | str, *_) -> str:
+    return f"warning: {message}\n"

@@ -9,30 +9,28 @@ quantized model's bounds have no place in the SwinIR state dict and are left out
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from jaxquant.checkpoint import load_model
+from jaxquant.cli import main_guard
 from weights_convert.swinir import describe, flax_to_torch
 from weights_convert.torch_pickle import save_pth
 
 
+@main_guard
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="run dir, model checkpoint or .pth")
     p.add_argument("-o", "--output", type=Path, required=True, help="the .pth to write")
     args = p.parse_args(argv)
-    try:
-        if args.output.exists():
-            raise FileExistsError(f"{args.output} exists; choose another path or remove it")
-        model = load_model(args.model)
-        state_dict = flax_to_torch(model.config, model.params)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        save_pth(args.output, {"params": state_dict})
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    if args.output.exists():
+        raise FileExistsError(f"{args.output} exists; choose another path or remove it")
+    model = load_model(args.model)
+    state_dict = flax_to_torch(model.config, model.params)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_pth(args.output, {"params": state_dict})
     count = sum(int(np.prod(v.shape)) for v in state_dict.values())
     note = " (quantization bounds not exported: FP params only)" if model.bounds is not None else ""
     print(f"wrote {args.output}: {describe(model.config)}, {len(state_dict)} tensors, {count:,} params{note}")

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxquant.cli import main_guard
 from jaxquant.data import resolve_data_root
 from jaxquant.train import TrainConfig, load_config, preset, train
 
@@ -64,18 +65,16 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return dataclasses.replace(preset(args.scale or 2), **overrides)
 
 
+@main_guard
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.resume) if args.resume else build_config(args)
+    run_dir = args.resume or args.run_dir or Path("runs") / f"train_x{cfg.scale}_{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        cfg = load_config(args.resume) if args.resume else build_config(args)
-        run_dir = args.resume or args.run_dir or Path("runs") / f"train_x{cfg.scale}_{time.strftime('%Y%m%d-%H%M%S')}"
-        try:
-            results = train(cfg, run_dir, resume=bool(args.resume))
-        except KeyboardInterrupt:
-            sys.exit(f"interrupted; continue with: python scripts/train.py --resume {run_dir}")
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        results = train(cfg, run_dir, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted; continue with: python scripts/train.py --resume {run_dir}")
     psnr = results["set5_psnr_y"]
     print(f"done: {run_dir / 'model'}" + ("" if psnr is None else f", Set5 PSNR-Y {psnr:.2f} dB"))
 
