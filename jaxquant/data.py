@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -248,3 +248,8 @@ def load_benchmark(data_root: str | os.PathLike, name: str, scale: int) -> list[
             )
         pairs.append(BenchmarkImage(hr_path.stem, hr, lr))
     return pairs
+
+
+def load_benchmarks(data_root: str | os.PathLike, names: Sequence[str], scale: int) -> dict[str, list[BenchmarkImage]]:
+    """`{name: load_benchmark(...)}` in order: every image is read (and checked) before any is evaluated."""
+    return {name: load_benchmark(data_root, name, scale) for name in names}

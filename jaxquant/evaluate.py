@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxquant.checkpoint import Model
-from jaxquant.data import benchmark_dir, load_benchmark, write_image
+from jaxquant.data import BenchmarkImage, write_image
 from jaxquant.metrics import psnr_y, ssim_y, to_uint8
 from jaxquant.quant import quantized_site
 from jaxquant.swinir import SwinIR, SwinIRConfig
@@ -38,30 +38,29 @@ def super_resolve(model: Model, lr: np.ndarray) -> np.ndarray:
     return np.asarray(_forward(model.config, variables(model), x)[0])
 
 
-def evaluate_dataset(
-    model: Model, data_root: str | Path, dataset: str, *, save_dir: Path | None = None, show_progress: bool = True
+def evaluate(
+    model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], *, save_dir: Path | None = None,
+    show_progress: bool = True,
+) -> dict[str, dict]:
+    """Per-image and mean PSNR / SSIM (Y channel) of `model` on each benchmark (see `load_benchmarks`)."""
+    return {name: _evaluate_images(model, name, images, save_dir, show_progress) for name, images in benchmarks.items()}
+
+
+def _evaluate_images(
+    model: Model, name: str, images: Sequence[BenchmarkImage], save_dir: Path | None, show_progress: bool
 ) -> dict:
-    """Per-image and mean PSNR / SSIM (Y channel) of `model` on one benchmark."""
     scale = model.config.upscale
-    images = load_benchmark(data_root, dataset, scale)
     per_image = {}
-    for image in tqdm(images, desc=f"{dataset} x{scale}", unit="img", disable=not show_progress, leave=False):
+    for image in tqdm(images, desc=f"{name} x{scale}", unit="img", disable=not show_progress, leave=False):
         sr = to_uint8(super_resolve(model, image.lr))
         per_image[image.name] = {"psnr": psnr_y(sr, image.hr, scale), "ssim": ssim_y(sr, image.hr, scale)}
         if save_dir is not None:
-            write_image(Path(save_dir) / dataset / f"{image.name}.png", sr)
+            write_image(Path(save_dir) / name / f"{image.name}.png", sr)
     return {
         "psnr": float(np.mean([r["psnr"] for r in per_image.values()])),
         "ssim": float(np.mean([r["ssim"] for r in per_image.values()])),
         "images": per_image,
     }
-
-
-def evaluate(model: Model, data_root: str | Path, datasets: Sequence[str], **kwargs) -> dict[str, dict]:
-    """`{dataset: evaluate_dataset(...)}` for every dataset, in order."""
-    for name in datasets:  # a missing one fails before any other is evaluated
-        benchmark_dir(Path(data_root), name)
-    return {name: evaluate_dataset(model, data_root, name, **kwargs) for name in datasets}
 
 
 def results_table(rows: Mapping[str, Mapping[str, dict]], datasets: Sequence[str]) -> str:

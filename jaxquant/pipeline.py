@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.checkpoint import Model, load_model, save_model
-from jaxquant.data import benchmark_dir, check_output_path, list_images, load_benchmark, read_image
+from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, list_images, load_benchmark,
+                           load_benchmarks, read_image)
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
-from jaxquant.evaluate import evaluate, evaluate_dataset, results_table
+from jaxquant.evaluate import evaluate, results_table
 from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
 from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_json, write_results
@@ -204,8 +205,8 @@ def write_bounds_json(path: Path, bounds: dict) -> None:
 # DQC with validation, best-bounds selection and exact resume
 
 
-def _validation_psnr(model: Model, bounds, data_root: Path) -> float:
-    return evaluate_dataset(model._replace(bounds=bounds), data_root, "Set5", show_progress=False)["psnr"]
+def _validation_psnr(model: Model, bounds, set5: list[BenchmarkImage]) -> float:
+    return evaluate(model._replace(bounds=bounds), {"Set5": set5}, show_progress=False)["Set5"]["psnr"]
 
 
 def run_dqc(
@@ -220,6 +221,7 @@ def run_dqc(
     dqc = run.dqc
     train_dir = run.with_paths(data_root).train_dir
     pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch, keep_hr=False)
+    set5 = load_benchmark(data_root, "Set5", run.scale)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
     state = (init_state(_copy(bounds), dqc), bounds, key)
@@ -238,7 +240,7 @@ def run_dqc(
                 done = step + 1
                 bar.update(1)
                 if done % run.validate_every == 0 or done == dqc.steps:
-                    psnr = _validation_psnr(model, dqc_state.bounds, data_root)
+                    psnr = _validation_psnr(model, dqc_state.bounds, set5)
                     if psnr >= _best(history, {"set5_psnr": -np.inf})["set5_psnr"]:
                         best = _copy(dqc_state.bounds)
                     history.append({"step": done, "loss": float(terms["loss"]), "set5_psnr": psnr})
@@ -276,8 +278,8 @@ def _read_json(path: Path, default):
 def _check_paths(run: QuantizeConfig, data_root: Path, resume: bool) -> None:
     """Fail before hours of work, and before the run directory is claimed: a run recorded with a bad path
     could neither be resumed nor started again there. (A resume reads its calibrated bounds back.)"""
-    for name in dict.fromkeys((*run.datasets, *(("Set5",) if run.dqc else ()))):  # DQC validates on Set5
-        benchmark_dir(data_root, name)
+    if run.dqc:
+        benchmark_dir(data_root, "Set5")  # DQC validates on it
     if not resume and run.calib and not Path(run.calib).exists():
         raise FileNotFoundError(f"no calibration data at {run.calib}")
     if run.train_dir and not Path(run.train_dir).is_dir():
@@ -297,6 +299,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     if model.config.upscale != run.scale:
         raise ValueError(f"{run.model} is a x{model.config.upscale} model, but --scale is {run.scale}")
     imported = read_bounds_json(Path(run.import_bounds), model, run.bits) if run.import_bounds else None
+    benchmarks = load_benchmarks(data_root, run.datasets, run.scale)  # a bad image fails now, not after DQC
     _check_paths(run, data_root, resume)
     claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
 
@@ -327,9 +330,9 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
         seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 
-    rows = {"FP": evaluate(model, data_root, run.datasets)}
+    rows = {"FP": evaluate(model, benchmarks)}
     for name, bounds in stages.items():
-        rows[name] = evaluate(model._replace(bounds=bounds), data_root, run.datasets)
+        rows[name] = evaluate(model._replace(bounds=bounds), benchmarks)
     table = results_table(rows, run.datasets)
     seconds["evaluation"] = time.perf_counter() - clock
 
@@ -338,7 +341,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
         write_bounds_json(Path(run.export_bounds), final)
     comparison_grid(
         {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
-        load_benchmark(data_root, run.datasets[0], run.scale)[:3], run_dir / "comparison.png",
+        benchmarks[run.datasets[0]][:3], run_dir / "comparison.png",
     )
     results = {
         "config": run.to_dict(),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from jaxquant.checkpoint import load_model
 from jaxquant.cli import main_guard
-from jaxquant.data import check_output_path, resolve_data_root
+from jaxquant.data import check_output_path, load_benchmarks, resolve_data_root
 from jaxquant.evaluate import evaluate, results_table
 from weights_convert.swinir import describe
 
@@ -41,7 +41,7 @@ def main():
     model = load_model(args.model)
     kind = "FP" if model.bounds is None else "quantized"
     print(f"{describe(model.config)}, {kind}")
-    results = evaluate(model, root, datasets, save_dir=args.save_images)
+    results = evaluate(model, load_benchmarks(root, datasets, model.config.upscale), save_dir=args.save_images)
     print(results_table({kind: results}, datasets))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -60,11 +60,22 @@ def test_empty_dataset_list_is_one_line(small_root):
     assert_one_line_error(result, "names no benchmark")
 
 
-def test_missing_dataset_fails_before_any_is_evaluated(small_root, tmp_path):
-    result = evaluate_x2("--data-root", str(small_root), "--datasets", "Small,Nope",
+@pytest.mark.parametrize("case, message", [
+    ("missing", "benchmark 'Bad' not found"),
+    ("too small", "Bad/HR/dot.png is 3x3, too small for x2"),
+    ("unreadable", "cannot read image {root}/benchmark/Bad/HR/dot.png"),
+])
+def test_a_bad_dataset_fails_before_any_is_evaluated(case, message, small_root, tmp_path):
+    dot = small_root / "benchmark" / "Bad" / "HR" / "dot.png"
+    if case == "too small":
+        write_image(dot, np.zeros((3, 3, 3), np.uint8))
+    elif case == "unreadable":
+        dot.parent.mkdir(parents=True)
+        dot.write_bytes(b"not a png")
+    result = evaluate_x2("--data-root", str(small_root), "--datasets", "Small,Bad",
                          "--save-images", str(tmp_path / "sr"))
-    assert_one_line_error(result, "benchmark 'Nope' not found")
-    assert not (tmp_path / "sr").exists()
+    assert_one_line_error(result, message.format(root=small_root))
+    assert not (tmp_path / "sr").exists()  # Small was not evaluated first
 
 
 @pytest.mark.parametrize("case", ["out is a folder", "out under a file", "images dir is a file", "out is images dir"])

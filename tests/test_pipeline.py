@@ -130,6 +130,18 @@ def test_a_run_dir_holds_one_run(tmp_path, data_root):
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["train_config.json"]
 
 
+def test_a_bad_benchmark_image_fails_before_calibration(tmp_path, data_root):
+    root = tmp_path / "root"
+    write_image(root / "benchmark" / "Bad" / "HR" / "dot.png", np.zeros((3, 3, 3), np.uint8))
+    (root / "benchmark" / "Set5").symlink_to(data_root / "benchmark" / "Set5")
+    run = QuantizeConfig(bits=2, scale=2, dqc=None, datasets=("Set5", "Bad"),
+                         model=str(data_root / "weights" / "swinir_light_x2_t291.pth"),
+                         calib=str(data_root / "calib"))
+    with pytest.raises(ValueError, match="dot.png is 3x3, too small for x2"):
+        quantize_run(run, tmp_path / "run", root)
+    assert not (tmp_path / "run").exists()  # refused before the run dir was claimed, not after calibration
+
+
 def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     run_dir = tmp_path / "run"
     exported = tmp_path / "bounds.json"
