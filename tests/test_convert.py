@@ -239,7 +239,8 @@ def _damage(checkpoint: Path, case: str) -> None:
 ])
 def test_a_damaged_model_checkpoint_is_one_line(tmp_path, case, cause):
     model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
-    checkpoint = save_model(tmp_path / "q", Model(model.config, model.params, init_bounds(model.config, QuantRules.uniform(4))))
+    bounds = init_bounds(model.config, QuantRules.uniform(4))
+    checkpoint = save_model(tmp_path / "q", Model(model.config, model.params, bounds))
     _damage(checkpoint, case)
     result = run_script("scripts/evaluate.py", "--model", str(checkpoint), "--datasets", "Set5")
     assert_one_line_error(result, f"{checkpoint} {cause}")  # one line: not orbax's abandoned reads, one traceback each
