@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import jax
@@ -104,6 +105,16 @@ def test_killed_run_resumes_bit_for_bit(tiny_root, tmp_path):
     written = (tmp_path / "cut" / "results.json").read_text()
     assert train(cfg, tmp_path / "cut", resume=True) == json.loads(written)  # a finished run only reports
     assert (tmp_path / "cut" / "results.json").read_text() == written
+
+
+def test_a_resumed_run_needs_its_checkpoint_not_its_init_source(tiny_root, tmp_path):
+    save_model(tmp_path / "init", Model(TINY, init_params(tiny_config(tiny_root), jax.random.PRNGKey(7))))
+    cfg = tiny_config(tiny_root, init=str(tmp_path / "init"))
+    train(cfg, tmp_path / "full")
+    train(cfg, tmp_path / "cut", stop_after=15)
+    shutil.rmtree(tmp_path / "init")  # moved or deleted since the run started
+    train(cfg, tmp_path / "cut", resume=True)
+    assert_trees_equal(load_model(tmp_path / "full").params, load_model(tmp_path / "cut").params)
 
 
 def test_restored_state_is_placed_like_the_fresh_one(tmp_path):
