@@ -54,8 +54,9 @@ def resolve_data_root(flag_value: str | None) -> Path:
 
 
 def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
-    # 65535 / 257 == 255: the same mapping as MATLAB's im2uint8 on uint16 data.
-    return np.floor(np.clip(values, 0, 65535) / 257.0 + 0.5).astype(np.uint8)
+    # The high byte: what PIL does to 16-bit colour PNGs, and what cv2.imread (the official code's reader) does
+    # to any 16-bit image, gray or colour.
+    return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Tests for jaxquant.data: image I/O, MATLAB-bicubic imresize, benchmarks, patch sampling."""
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -151,14 +153,26 @@ def test_read_image_palette(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "palette.png"), expected)
 
 
-def test_read_image_16_bit_scales_to_8_bit(tmp_path):
-    values = np.array([[0, 257, 300], [32896, 65279, 65535]], dtype=np.uint16)
-    Image.fromarray(values).save(tmp_path / "deep.png")
-    assert Image.open(tmp_path / "deep.png").mode.startswith("I")  # 16-bit gray PNG
-    expected = np.array([[0, 1, 1], [128, 254, 255]], dtype=np.uint8)  # round(v / 257)
-    out = read_image(tmp_path / "deep.png")
-    assert out.dtype == np.uint8
-    np.testing.assert_array_equal(out, np.stack([expected] * 3, axis=2))
+def _write_48_bit_png(path: Path, rgb: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb)  # filter byte 0 per row
+    header = struct.pack(">IIBBBBB", rgb.shape[1], rgb.shape[0], 16, 2, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def test_read_image_16_bit_gray_and_colour_map_alike(tmp_path):
+    values = np.array([[0, 128, 255, 257], [300, 32896, 65279, 65535]], dtype=np.uint16)
+    expected = np.array([[0, 0, 0, 1], [1, 128, 254, 255]], dtype=np.uint8)  # the high byte, as cv2.imread
+    Image.fromarray(values).save(tmp_path / "gray.png")
+    assert Image.open(tmp_path / "gray.png").mode.startswith("I")  # 16-bit gray PNG
+    _write_48_bit_png(tmp_path / "colour.png", np.stack([values, 65535 - values, values], axis=2))
+    for name, channels in [("gray", [expected] * 3), ("colour", [expected, 255 - expected, expected])]:
+        out = read_image(tmp_path / f"{name}.png")
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(out, np.stack(channels, axis=2), err_msg=name)
 
 
 def test_read_image_bad_files_raise_value_error_with_path(tmp_path):
