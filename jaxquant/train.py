@@ -232,7 +232,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
     val_images = load_benchmark(cfg.data_dir, "Set5", cfg.scale) if cfg.val_every else []
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     # A resumed run takes its params from its checkpoint, not from `init`, which may be gone by now.
-    state, loss, started = init_state(dataclasses.replace(cfg, init="") if resume else cfg), None, time.perf_counter()
+    state = init_state(dataclasses.replace(cfg, init="") if resume else cfg)
+    loss, started = None, time.perf_counter()
     # Claimed once the inputs have loaded: a run recorded with a bad input could not be started again there.
     claim_run_dir(run_dir, CONFIG_FILE, cfg.to_dict(), resume, RUN_KIND)
     with RunCheckpointer(run_dir, cfg.ckpt_every) as checkpoints:
