@@ -288,6 +288,23 @@ def _check_paths(run: QuantizeConfig, data_root: Path, resume: bool) -> None:
         check_output_path(run.export_bounds)
 
 
+def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, seconds: dict, device: str) -> str:
+    """results.md: the PSNR / SSIM table, which DQC step was kept and why, and where the time went."""
+    parts = [f"# W{run.bits}A{run.bits} x{run.scale}: PSNR / SSIM (Y)", table]
+    if dqc_log:
+        dqc, kept = run.dqc, dqc_log["best_step"]
+        rows = [f"| {h['step']} | {h['loss']:.4g} | {h['set5_psnr']:.3f}{' (kept)' if h['step'] == kept else ''} |"
+                for h in dqc_log["validation"]]
+        parts += [
+            f"DQC: {dqc.steps} steps, {dqc.loss} loss, batch {dqc.batch} of {dqc.patch}x{dqc.patch} LR patches, "
+            f"lr {dqc.lr:g}{' (cosine)' if dqc.cosine else ''}; the bounds of step {kept} are kept, the best Set5 "
+            "PSNR among the validations.",
+            "\n".join(["| DQC step | loss | Set5 PSNR |", "|---|---|---|", *rows]),
+        ]
+    parts.append(f"Time in this process on {device}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".")
+    return "\n\n".join(parts) + "\n"
+
+
 def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bool = False) -> dict:
     """Calibrate (and optionally distill) the bounds, evaluate every stage, and write the run directory.
 
@@ -352,6 +369,6 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
         "seconds": seconds,
         "device": str(jax.devices()[0].device_kind),
     }
-    write_results(run_dir, results, f"# W{run.bits}A{run.bits} x{run.scale}: PSNR / SSIM (Y)\n\n{table}\n")
+    write_results(run_dir, results, _results_markdown(run, table, dqc_log, seconds, results["device"]))
     return results
 

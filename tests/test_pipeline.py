@@ -162,7 +162,9 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     assert (dqc["steps"], dqc["batch"], dqc["patch"], dqc["b2"], dqc["cosine"]) == (2, 2, 32, 0.999, True)
     assert results["results"]["FP"]["Set5"]["psnr"] == pytest.approx(28.89, abs=0.01)
     assert (run_dir / "comparison.png").stat().st_size > 10_000
-    assert "| DQC |" in (run_dir / "results.md").read_text()
+    summary = (run_dir / "results.md").read_text()
+    assert f"| DQC | {results['results']['DQC']['Set5']['psnr']:.3f} / " in summary
+    assert "the bounds of step 2 are kept" in summary and "| 2 | " in summary and " (kept) |" in summary
 
     named = json.loads(exported.read_text())
     assert len(named) == 384 and "layers.3.residual_group.blocks.5.mlp.fc2.act_quantizer" in named
