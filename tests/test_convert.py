@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,6 +47,14 @@ def test_round_trip_is_lossless(state_dict):
     kept = {k: v for k, v in state_dict.items() if not k.endswith("relative_position_index")}
     assert back.keys() == kept.keys()
     assert all(np.array_equal(back[k], kept[k]) for k in kept)
+
+
+def test_non_finite_params_are_not_exported(state_dict):
+    config, params = torch_to_flax(state_dict)
+    params = jax.tree.map(np.array, params)  # a copy: the params may share memory with the module's state dict
+    params["layers_2"]["conv"]["bias"][7] = np.inf
+    with pytest.raises(ConversionError, match=re.escape("'layers.2.conv.bias' holds NaN or infinite values")):
+        flax_to_torch(config, params)
 
 
 def test_release_layouts_are_accepted(state_dict):

@@ -271,6 +271,12 @@ def _check_dropped_buffer(key: str, value: np.ndarray, window: int) -> None:
         raise ConversionError(f"buffer {key!r} does not match the SwinIR it belongs to")
 
 
+def _finite(key: str, tensor: np.ndarray) -> np.ndarray:
+    if not np.isfinite(tensor).all():
+        raise ConversionError(f"{key!r} holds NaN or infinite values; a model with them computes nothing")
+    return tensor
+
+
 def torch_to_flax(sd: dict[str, np.ndarray], config: SwinIRConfig | None = None) -> tuple[SwinIRConfig, dict]:
     """Convert a PyTorch SwinIR state dict to `(config, params)`; every key, shape and value is checked."""
     _check_entries(sd)
@@ -292,9 +298,7 @@ def torch_to_flax(sd: dict[str, np.ndarray], config: SwinIRConfig | None = None)
         _check_dropped_buffer(k, sd[k], config.window_size)
     flat = {}
     for e in key_table(config):
-        tensor = np.asarray(sd[e.torch_key], np.float32)
-        if not np.isfinite(tensor).all():
-            raise ConversionError(f"{e.torch_key!r} holds NaN or infinite values; a model with them computes nothing")
+        tensor = _finite(e.torch_key, np.asarray(sd[e.torch_key], np.float32))
         parts = np.split(tensor, len(e.flax_paths)) if len(e.flax_paths) > 1 else [tensor]
         flat.update({path: _to_flax(e.kind, part) for path, part in zip(e.flax_paths, parts)})
     if set(flat) != set(flax_shapes):
@@ -308,7 +312,8 @@ def flax_to_torch(config: SwinIRConfig, params: dict) -> dict[str, np.ndarray]:
     sd = {}
     for e in key_table(config):
         parts = [_to_torch(e.kind, flat.pop(p)) for p in e.flax_paths]
-        sd[e.torch_key] = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+        tensor = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        sd[e.torch_key] = _finite(e.torch_key, np.ascontiguousarray(tensor))  # exported NaN would fail to load back
     if flat:
         raise ConversionError(f"params not in the SwinIR key table: {_preview(flat)}")
     return sd
