@@ -1,5 +1,6 @@
 """PyTorch -> Flax conversion: layouts accepted, config inference, and loud refusals (in the library and the CLI)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -131,8 +132,10 @@ def test_malformed_state_dict_names_key_and_shapes(state_dict, case):
     assert "\n" not in str(error.value)
 
 
-def run_script(*args, cwd=REPO):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_script(*args, cwd=REPO, env=None):
+    """A script's CompletedProcess; `env` adds to this process's environment."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else os.environ | env)
 
 
 def assert_one_line_error(result, pattern):

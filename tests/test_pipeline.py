@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -152,8 +153,12 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2", "--batch", "2",
             "--b2", "0.999", "--cosine", "--calib", str(calib), "--calib-patches", "2", "--train-dir", str(tiny_train_dir),
             "--run-dir", str(run_dir), "--export-bounds", str(exported)]
-    result = run_script(*args)
-    assert result.returncode == 0, result.stderr
+    result = run_script(*args, env={"JAX_LOG_COMPILES": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The forwards (FP and fake-quant at Set5's five LR shapes) and the step, compiled ahead beside the
+    # calibration, are found compiled when used: each compiles once.
+    compiled = Counter(re.findall(r"Compiling jit\((_forward|dqc_step)\) with global shapes", result.stderr))
+    assert compiled == {"_forward": 2 * 5, "dqc_step": 1}
     results = json.loads((run_dir / "results.json").read_text())
     assert all(Path(results["config"][k]).is_absolute() for k in ("model", "calib", "train_dir"))  # it stands alone
     assert list(results["results"]) == ["FP", "MinMax", "DOBI-official", "DQC"]
