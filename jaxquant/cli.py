@@ -27,5 +27,10 @@ def main_guard(main: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def interrupted(stopped: KeyboardInterrupt, resume_command: str) -> str:
+    """The exit message of a run stopped by Ctrl-C: what was checkpointed (where the loop said) and how to go on."""
+    return f"interrupted{f' ({stopped})' if str(stopped) else ''}; continue with: {resume_command}"
+
+
 def _one_line_warning(message: Warning | str, *_) -> str:
     return f"warning: {message}\n"

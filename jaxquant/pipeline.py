@@ -33,7 +33,8 @@ from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
 from jaxquant.evaluate import compile_concurrently, evaluate, forward_compilations, results_table
 from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
-from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_json, write_results
+from jaxquant.runs import (RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_json,
+                           stop_on_interrupt, write_results)
 from jaxquant.visualize import comparison_grid
 from weights_convert.torch_pickle import load_pth
 
@@ -219,6 +220,7 @@ def run_dqc(
     Validation runs every `validate_every` steps and at the end; the initial (DOBI) bounds are not candidates,
     so the result is always a DQC result. Checkpoints every `checkpoint_every` steps resume bit for bit.
     `stop_after` ends the run early at that step, checkpointed, as a kill would (`log["completed"]` is False).
+    A first Ctrl-C stops it after the current step, checkpointed, with a `KeyboardInterrupt`.
     """
     dqc = run.dqc
     train_dir = run.with_paths(data_root).train_dir
@@ -235,7 +237,8 @@ def run_dqc(
         # The validation log (float64 PSNRs, which pick the best step) is JSON beside the checkpoints and is
         # written before them: entries past the restored step never happened.
         history = [h for h in _read_json(history_file, []) if h["step"] <= start]
-        with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar:
+        with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar, \
+                stop_on_interrupt() as interrupted:
             for step in range(start, stop):
                 images, _ = sample_patches(pool, jax.random.fold_in(key, step), dqc.batch, dqc.patch)
                 dqc_state, terms = dqc_step(model.config, dqc, dqc_state, model.params, images)
@@ -249,9 +252,12 @@ def run_dqc(
                     bar.log(loss=float(terms["loss"]), psnr=psnr, best=_best(history)["set5_psnr"])
                 elif done % 10 == 0:
                     bar.log(loss=float(terms["loss"]))
-                if done % run.checkpoint_every == 0 or done == stop:
+                stopping = interrupted()
+                if done % run.checkpoint_every == 0 or done == stop or stopping:
                     history_file.write_text(json.dumps(history, indent=1))
                     checkpoints.save(done, (dqc_state, best, key), force=True)
+                if stopping:
+                    raise KeyboardInterrupt(f"DQC checkpointed at step {done}")
     kept = _best(history, {"step": 0, "set5_psnr": None})
     log = {"completed": stop == dqc.steps, "best_step": kept["step"], "best_set5_psnr": kept["set5_psnr"],
            "validation": history,
@@ -309,19 +315,22 @@ def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, sec
 
 def _calibrate(model: Model, start: dict, run: QuantizeConfig, run_dir: Path, resume: bool) -> dict[str, dict]:
     """The bounds of each initialisation in `run.calibrations` by label, each also written as JSON; a resume
-    reads back those already written."""
-    stages, images = {}, None
-    for init in run.calibrations:
-        method, strategy, label = INITS[init]
-        saved = run_dir / "calibration" / f"{label}.json"
-        if resume and saved.is_file():
-            stages[label] = read_bounds_json(saved, model, run.bits)
-            continue
-        if images is None:
-            images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed)
-        calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
-        stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
-        write_bounds_json(saved, stages[label])
+    reads back those already written. The calibration images load before the progress bar starts."""
+    saved = {init: run_dir / "calibration" / f"{INITS[init].label}.json" for init in run.calibrations}
+    todo = [init for init in run.calibrations if not (resume and saved[init].is_file())]
+    images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed) if todo else None
+    stages = {}
+    with progress(len(todo), desc=f"calibration W{run.bits}A{run.bits} x{run.scale}", unit="init") as bar:
+        for init in run.calibrations:
+            method, strategy, label = INITS[init]
+            if init not in todo:
+                stages[label] = read_bounds_json(saved[init], model, run.bits)
+                continue
+            bar.set_postfix_str(label)
+            calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
+            stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
+            write_bounds_json(saved[init], stages[label])
+            bar.update(1)
     return stages
 
 
@@ -331,8 +340,9 @@ def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: di
     (on an H100, the step took ~55 s and Set5's five shapes ~90 s, one after another)."""
     if run.dqc:
         benchmarks = benchmarks | {"Set5 (validation)": load_benchmark(data_root, "Set5", run.scale)}
-    compilations = [*forward_compilations(model, benchmarks), *forward_compilations(model._replace(bounds=start), benchmarks)]
-    return compilations + ([functools.partial(_compile_step, model, start, run.dqc)] if run.dqc else [])
+    quantized = model._replace(bounds=start)
+    forwards = [*forward_compilations(model, benchmarks), *forward_compilations(quantized, benchmarks)]
+    return forwards + ([functools.partial(_compile_step, model, start, run.dqc)] if run.dqc else [])
 
 
 def _compile_step(model: Model, start: dict, dqc: DQCConfig) -> None:

@@ -7,9 +7,13 @@ same batches and ends bit-for-bit equal to an uninterrupted one (on the same bac
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -154,9 +158,33 @@ class Progress(tqdm):
         self.set_postfix(self._metrics, refresh=False)
 
 
-def progress(total: int, initial: int = 0, desc: str | None = None) -> Progress:
-    """A progress bar over steps `initial..total`; `bar.log(loss=..., psnr=...)` updates its postfix."""
-    return Progress(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+def progress(total: int, initial: int = 0, desc: str | None = None, unit: str = "step") -> Progress:
+    """A progress bar over `initial..total` (none where that is empty); `bar.log(loss=..., psnr=...)` updates
+    its postfix."""
+    return Progress(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, disable=total == initial)
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[Callable[[], bool]]:
+    """Inside, the first Ctrl-C asks a training loop to stop rather than killing it: the yielded function
+    turns True, and the loop checkpoints its current step and raises `KeyboardInterrupt`. A second Ctrl-C
+    interrupts at once. (Off the main thread Python takes no signal handler, and Ctrl-C interrupts at once.)"""
+    requested = threading.Event()
+
+    def ask_to_stop(signum, frame) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print("\nstopping after this step, once it is checkpointed (Ctrl-C again to stop now)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+    previous = signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_results(run_dir: str | Path, results: dict, table: str) -> None:

@@ -35,7 +35,7 @@ from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
 from jaxquant.evaluate import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
-from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_json, write_results
+from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_json, stop_on_interrupt, write_results
 from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
 
 Array = jax.Array
@@ -225,7 +225,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
 
     `run_dir` gets `train_config.json`, `checkpoints/<step>` every `cfg.ckpt_every` steps, and at the end
     `model/` (a `load_model` source) with `results.json` / `results.md`. `stop_after` ends the process
-    after that step as if it were killed (for time-boxed jobs and tests).
+    after that step as if it were killed (for time-boxed jobs and tests). A first Ctrl-C stops the run after
+    the current step, checkpointed, with a `KeyboardInterrupt`.
     """
     run_dir = Path(run_dir)
     pool = lr_pool_from_folder(cfg.images_dir, cfg.scale, min_size=cfg.patch)
@@ -242,15 +243,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
         first = int(state.step)
         if first == cfg.steps and (run_dir / "results.json").is_file():  # resuming a finished run
             return json.loads((run_dir / "results.json").read_text())
-        with progress(cfg.steps, first, desc=f"train x{cfg.scale}") as bar:
+        with progress(cfg.steps, first, desc=f"train x{cfg.scale}") as bar, stop_on_interrupt() as interrupted:
             for step in range(first + 1, end + 1):
                 state, loss = train_step(state, pool, cfg=cfg)
-                checkpoints.save(step, state, force=step == cfg.steps)
+                stopping = interrupted()
+                checkpoints.save(step, state, force=step == cfg.steps or stopping)
                 if step % LOG_EVERY == 0 or step == end:
                     bar.log(loss=float(loss))
                 if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
                     bar.log(psnr=validate(cfg.swinir, state.params, val_images))
                 bar.update()
+                if stopping:
+                    raise KeyboardInterrupt(f"training checkpointed at step {step}")
     if end < cfg.steps:
         return None
     psnr = validate(cfg.swinir, state.params, val_images) if val_images else None

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from jaxquant.cli import main_guard
+from jaxquant.cli import interrupted, main_guard
 from jaxquant.data import resolve_data_root
 from jaxquant.evaluate import results_table
 from jaxquant.pipeline import CALIB_PATCHES, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run
@@ -98,8 +98,8 @@ def main():
         print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
     try:
         results = quantize_run(run, run_dir, root, resume=bool(args.resume))
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted; continue with: python scripts/quantize.py --resume {run_dir}")
+    except KeyboardInterrupt as stopped:
+        sys.exit(interrupted(stopped, f"python scripts/quantize.py --resume {run_dir}"))
     print(results_table(results["results"], run.datasets))
     if results["dqc"]:
         print(f"DQC bounds kept from step {results['dqc']['best_step']} (best Set5 PSNR during validation)")

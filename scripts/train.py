@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxquant.cli import main_guard
+from jaxquant.cli import interrupted, main_guard
 from jaxquant.data import resolve_data_root
 from jaxquant.train import TrainConfig, load_config, preset, train
 
@@ -73,8 +73,8 @@ def main(argv=None) -> None:
     run_dir = args.resume or args.run_dir or Path("runs") / f"train_x{cfg.scale}_{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         results = train(cfg, run_dir, resume=bool(args.resume))
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted; continue with: python scripts/train.py --resume {run_dir}")
+    except KeyboardInterrupt as stopped:
+        sys.exit(interrupted(stopped, f"python scripts/train.py --resume {run_dir}"))
     psnr = results["set5_psnr_y"]
     print(f"done: {run_dir / 'model'}" + ("" if psnr is None else f", Set5 PSNR-Y {psnr:.2f} dB"))
 

@@ -1,6 +1,10 @@
 """Shared fixtures: strict numerics (as equinox/penzai test), the data root, golden arrays, converted models."""
 
+import itertools
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import jax
@@ -15,6 +19,20 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 DATA_ROOT = default_data_root()
 GOLDEN_DIR = DATA_ROOT.parent / "golden"
+
+
+def ctrl_c_on_call(monkeypatch, module, name: str, call: int) -> None:
+    """Patch `module.name` so that its `call`-th call first sends this process a real SIGINT, as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a signal handler can only be installed on the main thread")
+    original, calls = getattr(module, name), itertools.count(1)
+
+    def interrupting(*args, **kwargs):
+        if next(calls) == call:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupting)
 
 
 def require(path: Path) -> Path:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import DATA_ROOT, require
+from conftest import DATA_ROOT, ctrl_c_on_call, require
 from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
@@ -75,7 +75,7 @@ def _tiny_dqc(tiny_train_dir) -> tuple[dict, QuantizeConfig]:
     return init_bounds(swinir_light(4), QuantRules.uniform(2), fill=(-1.5, 1.5)), run
 
 
-def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root):
+def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root, monkeypatch):
     model = t291_model(4)
     start, run = _tiny_dqc(tiny_train_dir)
     straight, log = run_dqc(model, start, run, data_root, tmp_path / "straight")
@@ -88,6 +88,17 @@ def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root
         np.testing.assert_array_equal(np.asarray(flat_bounds(resumed)[path].lu), np.asarray(b.lu), err_msg=path)
     moved = [float(np.abs(np.asarray(b.lu) - [-1.5, 1.5]).max()) for b in flat_bounds(straight).values()]
     assert max(moved) > 0  # the bounds did train
+
+    # A first Ctrl-C during step 3 (no checkpoint step: every 2) lets the step finish and checkpoints it.
+    with monkeypatch.context() as patch:
+        ctrl_c_on_call(patch, pipeline, "sample_patches", call=3)
+        with pytest.raises(KeyboardInterrupt, match="DQC checkpointed at step 3"):
+            run_dqc(model, start, run, data_root, tmp_path / "ctrl-c")
+    assert sorted(int(p.name) for p in (tmp_path / "ctrl-c" / "checkpoints").iterdir()) == [2, 3]
+    resumed, resumed_log = run_dqc(model, start, run, data_root, tmp_path / "ctrl-c")
+    assert resumed_log["validation"] == log["validation"]
+    for path, b in flat_bounds(straight).items():
+        np.testing.assert_array_equal(np.asarray(flat_bounds(resumed)[path].lu), np.asarray(b.lu), err_msg=path)
 
 
 @pytest.mark.parametrize("psnrs, kept", [((31.636961687, 31.636961335), 2), ((30.0, 30.0), 4)])

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import ctrl_c_on_call
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.data import write_image
 from jaxquant.patches import lr_pool_from_folder, sample_patches
@@ -86,7 +88,7 @@ def test_bf16_step_keeps_float32_params(tiny_root):
     assert {v.dtype for v in _flat(new.params).values()} == {np.dtype(np.float32)}
 
 
-def test_killed_run_resumes_bit_for_bit(tiny_root, tmp_path):
+def test_killed_run_resumes_bit_for_bit(tiny_root, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_root)
     full = train(cfg, tmp_path / "full")
     assert train(cfg, tmp_path / "cut", stop_after=15) is None  # "killed" after step 15
@@ -105,6 +107,16 @@ def test_killed_run_resumes_bit_for_bit(tiny_root, tmp_path):
     written = (tmp_path / "cut" / "results.json").read_text()
     assert train(cfg, tmp_path / "cut", resume=True) == json.loads(written)  # a finished run only reports
     assert (tmp_path / "cut" / "results.json").read_text() == written
+
+    # A first Ctrl-C during step 17 (no checkpoint step: every 15) lets the step finish and checkpoints it.
+    with monkeypatch.context() as patch:
+        ctrl_c_on_call(patch, sys.modules["jaxquant.train"], "train_step", call=17)
+        with pytest.raises(KeyboardInterrupt, match="training checkpointed at step 17"):
+            train(cfg, tmp_path / "ctrl-c")
+    with RunCheckpointer(tmp_path / "ctrl-c", every=15) as ckpt:
+        assert ckpt.latest_step() == 17
+    train(cfg, tmp_path / "ctrl-c", resume=True)
+    assert_trees_equal(load_model(tmp_path / "full").params, load_model(tmp_path / "ctrl-c").params)
 
 
 def test_a_resumed_run_needs_its_checkpoint_not_its_init_source(tiny_root, tmp_path):
