@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Literal
 
 import flax.linen as nn
@@ -69,8 +70,27 @@ def minmax_bounds(x: Array) -> Array:
 
 
 def percentile_bounds(x: Array, percentile: float) -> Array:
-    """[q(100 - p), q(p)]: clip the two tails at the given percentile."""
-    return jnp.percentile(x.reshape(-1), jnp.asarray([100.0 - percentile, percentile]))
+    """[q(100 - p), q(p)]: clip the two tails at the given percentile, interpolating linearly between order
+    statistics (numpy's default method).
+
+    The order statistics come from `lax.top_k` at each end instead of a full sort: for the 12.6M-element
+    attention probabilities of a x4 calibration batch, 0.14 s instead of 3.5 s on the 2-core CPU. Their positions
+    are worked out exactly on the host (`jnp.percentile` rounds them in float32 after turning the division by 100
+    into a multiplication, which moves bounds by up to 8e-6 relative)."""
+    x = x.reshape(-1)
+    n = x.size
+    positions = [(100.0 - percentile) / 100 * (n - 1), percentile / 100 * (n - 1)]
+    below = [math.floor(position) for position in positions]
+    tail = max(min(below) + 2, n - max(below))  # the statistics read (each i and i + 1) lie this close to an end
+    if 4 * tail > n:  # central percentiles: selecting them costs what sorting does
+        return jnp.percentile(x, jnp.asarray([100.0 - percentile, percentile], x.dtype))
+    # The barrier keeps XLA from turning "one element of a top_k" back into a full sort (3 s instead of 60 ms).
+    smallest, largest = jax.lax.optimization_barrier((-jax.lax.top_k(-x, tail)[0], jax.lax.top_k(x, tail)[0]))
+    order_statistic = lambda i: smallest[i] if i < tail else largest[n - 1 - i]  # the i-th smallest element
+    return jnp.stack([
+        order_statistic(i) * (1 - (position - i)) + order_statistic(min(i + 1, n - 1)) * (position - i)
+        for i, position in zip(below, positions)
+    ])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -93,6 +93,14 @@ def test_percentile_clips_both_tails():
     np.testing.assert_allclose(np.asarray(percentile_bounds(x, 99.0)), [100.0, 9900.0])
 
 
+@pytest.mark.parametrize("size", [7, 10_001, 1_000_003])
+@pytest.mark.parametrize("percentile", [99.99, 99.9, 100.0, 0.5, 60.0])  # 60: central, read from a full sort
+def test_percentile_matches_float64_numpy(size, percentile):
+    x = jax.random.normal(jax.random.key(size), (size,)) ** 3  # heavy tails, unevenly spaced order statistics
+    expected = np.percentile(np.asarray(x, np.float64), [100 - percentile, percentile])
+    np.testing.assert_allclose(np.asarray(percentile_bounds(x, percentile)), expected, rtol=1e-6, atol=1e-30)
+
+
 def _output_error(model, bounds, x):
     fp = SwinIR(model.config).apply({"params": model.params}, x)[0]
     return float(jnp.mean((quantize(model.params, bounds, model.config)(x) - fp) ** 2))
