@@ -83,9 +83,10 @@ def percentile_bounds(x: Array, percentile: float) -> Array:
     below = [math.floor(position) for position in positions]
     tail = max(min(below) + 2, n - max(below))  # the statistics read (each i and i + 1) lie this close to an end
     if 4 * tail > n:  # central percentiles: selecting them costs what sorting does
-        return jnp.percentile(x, jnp.asarray([100.0 - percentile, percentile], x.dtype))
-    # The barrier keeps XLA from turning "one element of a top_k" back into a full sort (3 s instead of 60 ms).
-    smallest, largest = jax.lax.optimization_barrier((-jax.lax.top_k(-x, tail)[0], jax.lax.top_k(x, tail)[0]))
+        tail, smallest = n, jnp.sort(x)
+        largest = smallest[::-1]
+    else:  # the barrier keeps XLA from turning "one element of a top_k" back into a full sort (3 s, not 60 ms)
+        smallest, largest = jax.lax.optimization_barrier((-jax.lax.top_k(-x, tail)[0], jax.lax.top_k(x, tail)[0]))
     order_statistic = lambda i: smallest[i] if i < tail else largest[n - 1 - i]  # the i-th smallest element
     return jnp.stack([
         order_statistic(i) * (1 - (position - i)) + order_statistic(min(i + 1, n - 1)) * (position - i)

@@ -98,7 +98,7 @@ def test_percentile_clips_both_tails():
 def test_percentile_matches_float64_numpy(size, percentile):
     x = jax.random.normal(jax.random.key(size), (size,)) ** 3  # heavy tails, unevenly spaced order statistics
     expected = np.percentile(np.asarray(x, np.float64), [100 - percentile, percentile])
-    np.testing.assert_allclose(np.asarray(percentile_bounds(x, percentile)), expected, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(np.asarray(percentile_bounds(x, percentile)), expected, rtol=2.5e-7)  # two float32 ulps (the interpolation rounds)
 
 
 def _output_error(model, bounds, x):
