@@ -98,7 +98,8 @@ def test_percentile_clips_both_tails():
 def test_percentile_matches_float64_numpy(size, percentile):
     x = jax.random.normal(jax.random.key(size), (size,)) ** 3  # heavy tails, unevenly spaced order statistics
     expected = np.percentile(np.asarray(x, np.float64), [100 - percentile, percentile])
-    np.testing.assert_allclose(np.asarray(percentile_bounds(x, percentile)), expected, rtol=2.5e-7)  # two float32 ulps (the interpolation rounds)
+    # Two float32 ulps: the interpolation between the two order statistics rounds.
+    np.testing.assert_allclose(np.asarray(percentile_bounds(x, percentile)), expected, rtol=2.5e-7)
 
 
 def _output_error(model, bounds, x):
