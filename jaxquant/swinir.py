@@ -214,13 +214,33 @@ class WindowAttention(nn.Module):
             nw = mask.shape[0]
             attn = attn.reshape(bn // nw, nw, heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None, :, :]
             attn = attn.reshape(bn, heads, n, n)
-        attn = jax.nn.softmax(attn, axis=-1)
+        attn = softmax(attn)
         v = self.site(self, "v", v)
         attn = self.site(self, "probs", attn)
         # Heads-major output, then one transpose: XLA:CPU runs this batched matmul 2.5x faster than one that
         # writes (B*nW, n, heads, d) directly.
         x = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(bn, n, c)
         return QuantDense(self.dim, self.site, self.dtype, name="proj")(x)
+
+
+@jax.custom_vjp
+def softmax(x: Array) -> Array:
+    """jax.nn.softmax over the last axis, differentiated from its output alone as PyTorch does:
+    dx = y * (g - sum(g * y)). Autodiff through jax.nn.softmax's exp and sum reads more score-sized tensors
+    in the backward pass: a DQC step (x4, batch 4, 32x32, 2-core Xeon) took 4% longer (936 vs 898 ms)."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x: Array) -> tuple[Array, Array]:
+    y = softmax(x)
+    return y, y
+
+
+def _softmax_bwd(y: Array, g: Array) -> tuple[Array]:
+    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def gelu(x: Array) -> Array:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import nchw, nhwc
-from jaxquant.swinir import SwinIR, flip_pad, pixel_shuffle, shifted_window_mask, swinir_light
+from jaxquant.swinir import SwinIR, flip_pad, pixel_shuffle, shifted_window_mask, softmax, swinir_light
 
 
 @pytest.mark.parametrize("crop", ["a", "b"])
@@ -60,3 +60,14 @@ def test_shift_mask_separates_regions():
     assert mask.shape == (4, 64, 64)
     assert not mask[0].any()  # the top-left window holds one region only
     assert (mask[3] == -100).sum() == 64 * 64 - 4 * 16 * 16  # bottom-right: 4 regions of 16 tokens
+
+
+def test_softmax_gradient_by_hand():
+    """The softmax's hand-written VJP against its Jacobian diag(y) - y y^T, row by row, in float64."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        x, g = (jnp.asarray(rng.standard_normal((3, 2, 5)) * 4) for _ in range(2))
+        y, vjp = jax.vjp(softmax, x)
+        np.testing.assert_array_equal(y, jax.nn.softmax(x, axis=-1))
+        expected = np.einsum("...ij,...i->...j", jax.vmap(jax.vmap(lambda r: jnp.diag(r) - jnp.outer(r, r)))(y), g)
+        np.testing.assert_allclose(vjp(g)[0], expected, rtol=1e-12, atol=1e-15)
