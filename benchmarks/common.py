@@ -5,29 +5,45 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
 
 
 def time_compiled(fn: Callable, *args, runs: int = 10, warmup: int = 2) -> dict:
-    """Compile `fn` (jitted) for `args`, then time `runs` calls after `warmup`; seconds."""
+    """Compile `fn` (jitted) for `args`, then time `runs` calls after `warmup`; seconds, and the minor page
+    faults a call costs (fresh host memory the kernel maps and zeroes: XLA:CPU's scratch, unless the allocator
+    keeps it between calls)."""
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(runs):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return {"compile_s": compile_s, "median_s": statistics.median(times), "min_s": min(times), "runs": runs}
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / runs
+    return {"compile_s": compile_s, "median_s": statistics.median(times), "min_s": min(times), "runs": runs,
+            "page_faults": faults}
 
 
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.platform}:{d.device_kind} ({jax.device_count()} device(s), jax {jax.__version__})"
+
+
+def allocator() -> str:
+    """The malloc this process runs on. glibc's hands large freed blocks back to the kernel, so each call page
+    faults its scratch in again; a preloaded tcmalloc keeps them (README, "Memory and speed")."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if name in maps), "system malloc")
 
 
 def peak_host_memory_gib() -> float:
@@ -38,9 +54,11 @@ def peak_host_memory_gib() -> float:
 def report(title: str, rows: dict[str, dict], official_s: float | None = None) -> None:
     device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     device_memory = f", peak device memory {device_peak / 2**30:.2f} GiB" if device_peak else ""
-    print(f"## {title} on {device_name()}; peak host memory {peak_host_memory_gib():.2f} GiB{device_memory}")
-    print("| case | compile (s) | median (ms) | min (ms) | vs official |")
-    print("|---|---|---|---|---|")
+    print(f"## {title} on {device_name()}; peak host memory {peak_host_memory_gib():.2f} GiB{device_memory}, "
+          f"{allocator()}")
+    print("| case | compile (s) | median (ms) | min (ms) | page faults a call | vs official |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         ratio = f"{official_s / r['median_s']:.1f}x faster" if official_s else "-"
-        print(f"| {name} | {r['compile_s']:.2f} | {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f} | {ratio} |")
+        print(f"| {name} | {r['compile_s']:.2f} | {1e3 * r['median_s']:.1f} | {1e3 * r['min_s']:.1f} "
+              f"| {r['page_faults']:,.0f} | {ratio} |")

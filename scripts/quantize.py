@@ -19,7 +19,8 @@ from jaxquant.pipeline import CALIB_PATCHES, PRESETS, VALIDATE_EVERY, QuantizeCo
 
 
 # Flags that make others meaningless; giving both is an error rather than a silently ignored setting.
-DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--b2", "--cosine", "--loss", "--feature-weight", "--train-dir"}
+DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--b2", "--cosine", "--loss", "--feature-weight", "--train-dir",
+             "--remat", "--no-remat", "--scan", "--no-scan"}
 CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "--calib-patches", "--compare"}
 IGNORED_WITH = {
     "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
@@ -50,6 +51,11 @@ def parse_args():
                    help="cosine-decay the learning rate to 0 (the paper; the official code keeps it constant)")
     p.add_argument("--loss", choices=("official", "paper"), default="official", help="DQC loss")
     p.add_argument("--feature-weight", type=float, default=1.0, help="feature term weight of the paper loss")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, help="recompute the student's Swin blocks in "
+                   "DQC's backward pass instead of storing their activations (default: by backend; neither this nor "
+                   "--scan changes a value, README \"Memory and speed\")")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="run the Swin blocks as a lax.scan "
+                   "(default: by backend)")
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
     p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate")
     p.add_argument("--compare", default="minmax", help="other initialisations to evaluate: comma-separated of "
@@ -72,7 +78,8 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
-        overrides = {k: getattr(args, k) for k in ("steps", "batch", "lr", "b2", "cosine") if getattr(args, k) is not None}
+        given = ("steps", "batch", "lr", "b2", "cosine", "remat", "scan")
+        overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}
         dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight, **overrides)
     count, size = CALIB_PATCHES[preset or "paper"]
     every = VALIDATE_EVERY[preset or "paper"]

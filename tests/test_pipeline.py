@@ -162,7 +162,7 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     for path in list_images(require(DATA_ROOT / "calib"))[:2]:
         (calib / path.name).symlink_to(path)
     args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2", "--batch", "2",
-            "--b2", "0.999", "--cosine", "--calib", str(calib), "--calib-patches", "2", "--train-dir", str(tiny_train_dir),
+            "--b2", "0.999", "--cosine", "--remat", "--calib", str(calib), "--calib-patches", "2", "--train-dir", str(tiny_train_dir),
             "--run-dir", str(run_dir), "--export-bounds", str(exported)]
     result = run_script(*args, env={"JAX_LOG_COMPILES": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,6 +176,7 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     assert results["dqc"]["best_step"] == 2 and results["final_bounds"] == "DQC"
     dqc = results["config"]["dqc"]
     assert (dqc["steps"], dqc["batch"], dqc["patch"], dqc["b2"], dqc["cosine"]) == (2, 2, 32, 0.999, True)
+    assert (dqc["remat"], dqc["scan"]) == (True, None)  # given, and left to the backend
     assert results["results"]["FP"]["Set5"]["psnr"] == pytest.approx(28.89, abs=0.01)
     assert (run_dir / "comparison.png").stat().st_size > 10_000
     summary = (run_dir / "results.md").read_text()
@@ -245,6 +246,8 @@ def test_quantize_cli_bad_flags_are_one_line(tmp_path):
     assert_one_line_error(run_script("scripts/quantize.py", "--percentile", "nan"), "percentile must be in (0, 100]")
     ignored = run_script("scripts/quantize.py", "--no-dqc", "--steps", "5")
     assert ignored.returncode == 2 and "with --no-dqc, --steps would be ignored" in ignored.stderr
+    ignored = run_script("scripts/quantize.py", "--no-dqc", "--no-scan")
+    assert ignored.returncode == 2 and "with --no-dqc, --no-scan would be ignored" in ignored.stderr
     # Inputs are checked before the run directory is claimed, so a corrected rerun is not refused.
     bad = _write(tmp_path / "subset.json", {"layers.0.residual_group.blocks.0.attn.mymodule_a": [0, 1]})
     result = run_script("scripts/quantize.py", "--no-dqc", "--import-bounds", str(bad), "--run-dir", str(tmp_path / "q"))
