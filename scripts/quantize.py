@@ -53,7 +53,7 @@ def parse_args():
     p.add_argument("--feature-weight", type=float, default=1.0, help="feature term weight of the paper loss")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, help="recompute the student's Swin blocks in "
                    "DQC's backward pass instead of storing their activations (default: by backend; neither this nor "
-                   "--scan changes a value, README \"Memory and speed\")")
+                   "--scan changes the arithmetic, only its rounding; README \"Memory and speed\")")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="run the Swin blocks as a lax.scan "
                    "(default: by backend)")
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
@@ -78,8 +78,8 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
-        given = ("steps", "batch", "lr", "b2", "cosine", "remat", "scan")
-        overrides = {k: getattr(args, k) for k in given if getattr(args, k) is not None}
+        overridable = ("steps", "batch", "lr", "b2", "cosine", "remat", "scan")
+        overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
         dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight, **overrides)
     count, size = CALIB_PATCHES[preset or "paper"]
     every = VALIDATE_EVERY[preset or "paper"]

@@ -162,8 +162,8 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     for path in list_images(require(DATA_ROOT / "calib"))[:2]:
         (calib / path.name).symlink_to(path)
     args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2", "--batch", "2",
-            "--b2", "0.999", "--cosine", "--remat", "--calib", str(calib), "--calib-patches", "2", "--train-dir", str(tiny_train_dir),
-            "--run-dir", str(run_dir), "--export-bounds", str(exported)]
+            "--b2", "0.999", "--cosine", "--remat", "--calib", str(calib), "--calib-patches", "2",
+            "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir), "--export-bounds", str(exported)]
     result = run_script(*args, env={"JAX_LOG_COMPILES": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     # The forwards (FP and fake-quant at Set5's five LR shapes) and the step, compiled ahead beside the
