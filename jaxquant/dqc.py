@@ -44,7 +44,8 @@ class DQCConfig:
     b2: float = 0.99
     eps: float = 1e-8
     cosine: bool = False  # official: constant LR; paper: cosine decay
-    # How the student's Swin blocks run; neither changes a value. None picks by backend (`block_execution`).
+    # How the student's Swin blocks run: the same arithmetic, rounded perhaps differently. None picks by backend
+    # (`block_execution`).
     remat: bool | None = None  # recompute them in the backward pass instead of storing activations (`SwinIR.remat`)
     scan: bool | None = None  # run them as a `lax.scan` over block pairs (`SwinIR.scan`)
 

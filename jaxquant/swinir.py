@@ -380,7 +380,8 @@ class SwinIR(nn.Module):
 
     Returns `(output, stage_features)` with the four stage features shaped (B, H'*W', embed_dim), where
     H', W' are H, W flip-padded up to a multiple of the window. `remat` recomputes each Swin block in the
-    backward pass instead of storing its activations (see `run_blocks`); it changes no value.
+    backward pass instead of storing its activations (see `run_blocks`): the same arithmetic, though XLA
+    may round it differently.
     """
 
     config: SwinIRConfig
