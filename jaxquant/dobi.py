@@ -10,7 +10,9 @@ one candidate at a time for large ones (memory stays at one copy of the tensor),
 
 Candidates for a tensor with range R = max - min (spec section 4):
 - symmetric (official, every site): l_i = min + i R/(2K), u_i = max - i R/(2K), i = 0..K-1;
-- one-sided (paper, for long-tailed tensors: softmax output, fc2 input): l = min, u_i = max - i R/(2K).
+- one-sided (for long-tailed tensors: softmax output, fc2 input): l = min, u_i = max - i R/(2K) (the paper's
+  step, strategy `paper`) or u_i = max - i R/K (the official code's `one_direction` branch, which it never
+  enables; strategy `official-one-sided`). With R/(2K) the last candidate still keeps half the range.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -29,7 +31,7 @@ from jaxquant.swinir import SwinIR, SwinIRConfig
 
 Array = jax.Array
 Method = Literal["minmax", "percentile", "dobi"]
-Strategy = Literal["official", "paper"]
+Strategy = Literal["official", "paper", "official-one-sided"]
 
 # Candidates evaluated together (vmapped) stay under this many elements; larger tensors loop over
 # candidates one at a time, which XLA's CPU reductions run fastest and which keeps memory at one copy.
@@ -41,9 +43,9 @@ def is_long_tailed(path: str) -> bool:
     return path.endswith("attn/probs") or path.endswith("mlp/fc2/act")
 
 
-def candidate_bounds(lo: Array, hi: Array, num: int, one_sided: bool) -> Array:
-    """(num, 2) candidate [l, u] pairs, in the official float32 arithmetic."""
-    diff = true_divide(hi - lo, jnp.asarray(2 * num, lo.dtype))
+def candidate_bounds(lo: Array, hi: Array, num: int, one_sided: bool, step_divisor: int = 2) -> Array:
+    """(num, 2) candidate [l, u] pairs stepping by R / (step_divisor * num), in the official float32 arithmetic."""
+    diff = true_divide(hi - lo, jnp.asarray(step_divisor * num, lo.dtype))
     # diff * i is non-decreasing, so sorting changes nothing but forces the product to be rounded to float32
     # before the add, as PyTorch does; fused into the add, XLA's CPU backend would emit a fused multiply-add.
     step = jax.lax.sort(diff * jnp.arange(num, dtype=lo.dtype))
@@ -56,10 +58,12 @@ def quantization_error(x: Array, lu: Array, bits: int) -> Array:
     return jnp.sum(jnp.square(x - fake_quant(x, lu, bits)))
 
 
-def dobi_search(x: Array, bits: int, *, num_candidates: int = 100, one_sided: bool = False) -> Array:
+def dobi_search(
+    x: Array, bits: int, *, num_candidates: int = 100, one_sided: bool = False, step_divisor: int = 2
+) -> Array:
     """The [l, u] among the candidates that minimizes the quantization error of `x`; first minimum wins."""
     x = x.reshape(-1)
-    cands = candidate_bounds(jnp.min(x), jnp.max(x), num_candidates, one_sided)
+    cands = candidate_bounds(jnp.min(x), jnp.max(x), num_candidates, one_sided, step_divisor)
     batch = max(1, min(num_candidates, VMAP_ELEMENTS // x.size))
     errors = jax.lax.map(lambda lu: quantization_error(x, lu, bits), cands, batch_size=batch)
     return cands[jnp.argmin(errors)]
@@ -103,13 +107,20 @@ class Calibration:
     num_candidates: int = 100
     percentile: float = 99.99
 
+    def __post_init__(self):
+        if self.method not in get_args(Method) or self.strategy not in get_args(Strategy):
+            raise ValueError(f"unknown calibration method {self.method!r} or DOBI strategy {self.strategy!r}; "
+                             f"choose from {get_args(Method)} and {get_args(Strategy)}")
+
     def search(self, path: str, x: Array, bits: int) -> Array:
         if self.method == "minmax":
             return minmax_bounds(x)
         if self.method == "percentile":
             return percentile_bounds(x, self.percentile)
-        one_sided = self.strategy == "paper" and is_long_tailed(path)
-        return dobi_search(x, bits, num_candidates=self.num_candidates, one_sided=one_sided)
+        if self.strategy == "official" or not is_long_tailed(path):
+            return dobi_search(x, bits, num_candidates=self.num_candidates)
+        step_divisor = 2 if self.strategy == "paper" else 1
+        return dobi_search(x, bits, num_candidates=self.num_candidates, one_sided=True, step_divisor=step_divisor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,7 +56,8 @@ class Init(NamedTuple):
 
 
 INITS = {"minmax": Init("minmax", "official", "MinMax"), "percentile": Init("percentile", "official", "Percentile"),
-         "dobi-official": Init("dobi", "official", "DOBI-official"), "dobi-paper": Init("dobi", "paper", "DOBI-paper")}
+         "dobi-official": Init("dobi", "official", "DOBI-official"), "dobi-paper": Init("dobi", "paper", "DOBI-paper"),
+         "dobi-official-one-sided": Init("dobi", "official-one-sided", "DOBI-official-one-sided")}
 
 
 def default_preset() -> str:

@@ -11,11 +11,15 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import get_args
 
 from jaxquant.cli import interrupted, main_guard
+from jaxquant.dobi import Strategy
 from jaxquant.data import resolve_data_root
 from jaxquant.evaluate import results_table
-from jaxquant.pipeline import CALIB_PATCHES, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run
+from jaxquant.pipeline import (
+    CALIB_PATCHES, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run,
+)
 
 
 # Flags that make others meaningless; giving both is an error rather than a silently ignored setting.
@@ -37,7 +41,10 @@ def parse_args():
     p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
     p.add_argument("--model", help="checkpoint or .pth (default: <data root>/weights/swinir_light_x<scale>_t291.pth)")
     p.add_argument("--method", choices=("minmax", "percentile", "dobi"), default="dobi", help="bound initialisation")
-    p.add_argument("--dobi-strategy", choices=("official", "paper"), default="official")
+    p.add_argument("--dobi-strategy", choices=get_args(Strategy), default="official", help="official: symmetric "
+                   "candidates at every site (the official code); paper: one-sided at the softmax output and fc2 "
+                   "input, stepping by R/(2K); official-one-sided: the same sites stepping by R/K (the official "
+                   "code's unused one_direction branch)")
     p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
     p.add_argument("--calib", help="image folder, .npy/.npz (N,3,H,W) in [0,1], or cali_data_x<s>.pth (default: <data root>/calib)")
     p.add_argument("--calib-patches", type=int, help="patches sampled from a calibration folder (default: by preset)")
@@ -59,7 +66,7 @@ def parse_args():
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
     p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate")
     p.add_argument("--compare", default="minmax", help="other initialisations to evaluate: comma-separated of "
-                   "minmax, percentile, dobi-official, dobi-paper (default: minmax)")
+                   f"{', '.join(INITS)} (default: minmax)")
     p.add_argument("--import-bounds", help="JSON {official quantizer name: [l, u]} to start from instead of calibrating")
     p.add_argument("--export-bounds", help="write the final bounds here as JSON, keyed by official quantizer names")
     p.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")

@@ -73,6 +73,28 @@ def test_candidates_follow_the_official_grid():
     one = np.asarray(candidate_bounds(lo, hi, 100, one_sided=True))
     assert np.all(one[:, 0] == -1.0)
     np.testing.assert_allclose(one[99, 1], 3.0 - 99 * 4 / 200, rtol=1e-6)
+    full = np.asarray(candidate_bounds(lo, hi, 100, one_sided=True, step_divisor=1))  # the official branch
+    assert np.all(full[:, 0] == -1.0)
+    np.testing.assert_allclose(full[99, 1], 3.0 - 99 * 4 / 100, rtol=1e-6)
+
+
+def test_one_sided_strategies_differ_in_their_step_only():
+    scores = np.exp(1.5 * np.random.default_rng(1).normal(size=(300, 64)))
+    x = jnp.asarray((scores / scores.sum(1, keepdims=True)).astype(np.float32))  # attention-like probabilities
+    search = lambda strategy, path: np.asarray(Calibration(strategy=strategy).search(path, x, 2))
+    error = lambda lu: float(jnp.sum((x - fake_quant(x, jnp.asarray(lu), 2)) ** 2))
+    paper, full = search("paper", "attn/probs"), search("official-one-sided", "attn/probs")
+    assert paper[0] == full[0] == float(jnp.min(x))
+    # R/(2K) steps stop halfway down the range, so the paper's search ends on its last candidate here.
+    np.testing.assert_array_equal(paper, np.asarray(candidate_bounds(jnp.min(x), jnp.max(x), 100, True))[-1])
+    assert full[1] < paper[1] and error(full) < error(paper)
+    for strategy in ("paper", "official-one-sided"):  # other sites keep the symmetric search
+        np.testing.assert_array_equal(search(strategy, "attn/proj/act"), search("official", "attn/proj/act"))
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="DOBI strategy 'one-sided'"):
+        Calibration(strategy="one-sided")
 
 
 def test_dobi_search_finds_the_best_candidate_first():
