@@ -3,7 +3,8 @@
 A model checkpoint is an orbax composite directory with items `config` (JSON), `params` (arrays) and, for a
 quantized model, `bounds` (the `lu` arrays, nested like the model) plus `bits` (JSON, site path -> bits,
 since bits are static and not arrays). `load_model` also accepts an official `.pth` (converted on the fly)
-and a run directory of `scripts/quantize.py` (its `model/` checkpoint).
+and a run directory of `scripts/quantize.py` (its `model/` checkpoint). A checkpoint is checked as a `.pth` is
+(config fields, every param's shape, bit widths), so a damaged one is one ValueError naming it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
@@ -23,6 +26,7 @@ from jaxquant.quant import Bounds, flat_bounds, nest_bounds
 from jaxquant.swinir import SwinIRConfig
 
 Params = Mapping[str, Any]
+BIT_WIDTHS = range(2, 9)  # of a stored quantized model: what QuantizeConfig accepts
 
 
 class Model(NamedTuple):
@@ -37,11 +41,81 @@ def _bounds_to_arrays(bounds: Mapping) -> tuple[dict, dict[str, int]]:
     return lu, {p: b.bits for p, b in flat.items()}
 
 
-def _bounds_from_arrays(lu: Mapping, bits: Mapping[str, int]) -> dict:
+def _bounds_from_arrays(lu: Mapping, bits: Any) -> dict:
+    """The bounds pytree of a checkpoint's `bounds` and `bits` items, every site's bit width checked."""
     flat = {"/".join(k): v for k, v in _flatten(lu)}
+    if not isinstance(bits, dict):
+        raise ValueError(f"bits is a JSON {type(bits).__name__}, not an object of site -> bit width")
     if set(flat) != set(bits):
-        raise ValueError("checkpoint bounds and bit widths name different sites")
-    return nest_bounds({p: Bounds(jax.numpy.asarray(v), int(bits[p])) for p, v in flat.items()})
+        only_bounds, only_bits = sorted(set(flat) - set(bits)), sorted(set(bits) - set(flat))
+        raise ValueError(
+            f"bounds and bit widths name different sites: {len(only_bounds)} only in bounds {only_bounds[:2]}, "
+            f"{len(only_bits)} only in bits {only_bits[:2]}"
+        )
+    for path, width in bits.items():
+        if type(width) is not int or width not in BIT_WIDTHS:  # exactly int: not True, not 4.0
+            raise ValueError(f"bit width {width!r} of {path}: expected an integer {BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}")
+    return nest_bounds({p: Bounds(jax.numpy.asarray(v), bits[p]) for p, v in flat.items()})
+
+
+def _config_from_json(saved: Any) -> SwinIRConfig:
+    """The config of a checkpoint's `config` item, every field there and of its type: a hand-edited one would
+    otherwise fail in the constructor with a TypeError naming no file."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"config is a JSON {type(saved).__name__}, not an object")
+    fields = typing.get_type_hints(SwinIRConfig)
+    unknown, missing = sorted(set(saved) - set(fields)), sorted(set(fields) - set(saved))
+    if unknown or missing:
+        raise ValueError(f"config keys do not match SwinIRConfig (unknown: {unknown}, missing: {missing})")
+    for name, kind in fields.items():
+        if not _is_json_value_of(saved[name], kind):
+            raise ValueError(f"config {name} is {saved[name]!r}; SwinIRConfig needs {_describe_kind(kind)}")
+    try:
+        return SwinIRConfig.from_dict(saved)  # which checks how the fields go together
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
+
+
+def _is_json_value_of(value: Any, kind: Any) -> bool:
+    """Whether JSON `value` can stand for a SwinIRConfig field of type `kind` (every number in it is positive)."""
+    if typing.get_origin(kind) is tuple:
+        return isinstance(value, list) and len(value) > 0 and all(_is_json_value_of(v, int) for v in value)
+    if kind is str:
+        return isinstance(value, str)
+    numbers = (int, float) if kind is float else (int,)
+    return isinstance(value, numbers) and not isinstance(value, bool) and 0 < value < math.inf  # not NaN either
+
+
+def _describe_kind(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return "a non-empty list of positive integers"
+    return {int: "a positive integer", float: "a positive number", str: "a string"}[kind]
+
+
+def _check_params(config: SwinIRConfig, params: Params) -> None:
+    """Every param has the shape `config` implies, none missing or extra, as `torch_to_flax` checks a .pth file:
+    a hand-edited embed_dim or upscale would otherwise fail deep inside the model, or export as if sound."""
+    from weights_convert.swinir import describe, expected_shapes
+
+    saved = {"/".join(k): np.shape(v) for k, v in _flatten(params)}
+    # Tracing SwinIR for its shapes builds a module per block and (window**2, window**2) arrays, so a config
+    # bigger than its params (an edited depths or window_size) is refused before it can exhaust time or memory.
+    rows = [shape[0] if shape else 0 for path, shape in saved.items() if path.endswith("/relative_position_bias_table")]
+    if len(rows) != sum(config.depths) or set(rows) != {(2 * config.window_size - 1) ** 2}:
+        raise ValueError(
+            f"config depths {list(config.depths)}, window {config.window_size} do not match its params "
+            f"({len(rows)} blocks, bias tables of {sorted(set(rows))} rows)"
+        )
+    expected = expected_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"params do not match {describe(config)}: {len(missing)} missing {missing[:2]}, "
+            f"{len(unexpected)} unexpected {unexpected[:2]}"
+        )
+    for path, shape in expected.items():
+        if saved[path] != shape:
+            raise ValueError(f"param {path} has shape {saved[path]}; {describe(config)} needs {shape}")
 
 
 def _flatten(tree: Mapping, prefix: tuple = ()):
@@ -85,22 +159,31 @@ def _restore_checkpoint(directory: Path) -> Model:
     restore = {"config": ocp.args.JsonRestore(), "params": ocp.args.StandardRestore()}
     if not missing:
         restore |= {"bounds": ocp.args.StandardRestore(), "bits": ocp.args.JsonRestore()}
-    with _checkpointer() as ckptr, reading_checkpoint(directory):
-        got = ckptr.restore(directory, ocp.args.Composite(**restore))
-    config = SwinIRConfig.from_dict(got["config"])
-    bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if not missing else None
+    with reading_checkpoint(directory):  # also for what the items hold, checked before anything uses them
+        with _checkpointer() as ckptr:
+            got = ckptr.restore(directory, ocp.args.Composite(**restore))
+        config = _config_from_json(got["config"])
+        _check_params(config, got["params"])
+        bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if not missing else None
     return Model(config, got["params"], bounds)
 
 
 @contextlib.contextmanager
 def reading_checkpoint(directory: Path) -> Iterator[None]:
-    """Turn a damaged orbax checkpoint (a truncated, missing or garbled file) into one ValueError naming it."""
+    """Turn a damaged orbax checkpoint (a truncated, missing or garbled file, a missing item) into one ValueError
+    naming it."""
     _quiet_abandoned_reads()  # before the read: the abandoned reads start finishing while the error unwinds
     try:
         yield
-    except (ValueError, OSError) as e:
-        cause = str(e).split(" [tensorstore_spec=")[0]  # the rest is tensorstore's whole JSON spec
-        raise ValueError(f"{directory} is a damaged checkpoint: {cause}") from None
+    except (ValueError, OSError, KeyError) as e:  # KeyError: orbax's 'Item "default" was not found ...'
+        raise ValueError(f"{directory} is a damaged checkpoint: {_cause(e)}") from None
+
+
+def _cause(error: Exception) -> str:
+    """An error's message alone: a KeyError's str() is the repr of its key, and tensorstore appends its whole JSON
+    spec."""
+    message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return message.split(" [tensorstore_spec=")[0]
 
 
 @functools.cache

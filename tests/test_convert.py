@@ -1,5 +1,6 @@
 """PyTorch -> Flax conversion: layouts accepted, config inference, and loud refusals (in the library and the CLI)."""
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 from conftest import DATA_ROOT, require
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.quant import QuantRules, init_bounds
+from jaxquant.runs import RunCheckpointer
 from weights_convert.swinir import ConversionError, flax_to_torch, infer_config, torch_to_flax, unwrap_state_dict
 from weights_convert.torch_pickle import load_pth, save_pth
 from jaxquant.swinir import shifted_window_mask
@@ -121,6 +123,15 @@ MALFORMED = {
                       "'layers.3.conv.bias' holds NaN or infinite values"),
     "module_duplicate": (lambda sd: sd | {"module.norm.bias": sd["norm.bias"]},
                          "both 'norm.bias' and 'module.norm.bias'"),
+    "integer_weights": (lambda sd: {k: v.astype(np.int64) for k, v in sd.items()},
+                        "'conv_first.weight' is int64; SwinIR weights are floating point"),
+    # the MLP width is read off every block, so the one wrong tensor is named, not fc1.bias beside it
+    "fc1_rows": (lambda sd: sd | {FC1: np.zeros((121, 60), np.float32)},
+                 f"'{FC1}' has shape (121, 60); {X2} needs (120, 60)"),
+    "missing_upsample_conv": (lambda sd: {k: v for k, v in sd.items() if k != "upsample.0.weight"},
+                              "missing 'upsample.0.weight'"),
+    "no_upsampler": (lambda sd: {k: v for k, v in sd.items() if not k.startswith("upsample.")},
+                     "no 'upsample.*' keys (pixelshuffledirect) nor 'conv_before_upsample.*' keys (pixelshuffle)"),
 }
 
 
@@ -204,7 +215,7 @@ def test_classical_pixelshuffle_swinir_round_trips(scale):
     assert out.shape == (1, 9 * scale, 10 * scale, 3)
 
 
-@pytest.mark.parametrize("case", ["non_string_key", "zero_size", "missing_fc1", "nan"])
+@pytest.mark.parametrize("case", ["non_string_key", "zero_size", "missing_fc1", "nan", "integer_weights"])
 def test_convert_cli_names_the_file_and_the_key(tmp_path, case, state_dict):
     mutate, message = MALFORMED[case]
     path = tmp_path / f"{case}.pth"
@@ -234,12 +245,28 @@ def test_convert_cli_refuses_param_key_for_a_checkpoint(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def quantized_checkpoint(tmp_path_factory) -> Path:
+    """A W4A4 x2 model checkpoint, for tests to copy and damage."""
+    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
+    bounds = init_bounds(model.config, QuantRules.uniform(4))
+    return save_model(tmp_path_factory.mktemp("model") / "q", Model(model.config, model.params, bounds))
+
+
+def _edit_json_item(checkpoint: Path, item: str, edit) -> None:
+    """Hand-edit a JSON item (`config` or `bits`) of a model checkpoint."""
+    metadata = checkpoint / item / "metadata"
+    metadata.write_text(json.dumps(edit(json.loads(metadata.read_text()))))
+
+
 def _damage(checkpoint: Path, case: str) -> None:
     if case == "truncated":
         for data in (checkpoint / "params" / "d").iterdir():
             data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     elif case == "bounds_missing":
         shutil.rmtree(checkpoint / "bounds")
+    elif case == "config_edited":
+        _edit_json_item(checkpoint, "config", lambda config: config | {"embed_dim": 48})
     else:
         (checkpoint / "config" / "metadata").write_text("{")
 
@@ -248,11 +275,64 @@ def _damage(checkpoint: Path, case: str) -> None:
     ("truncated", "is a damaged checkpoint: OUT_OF_RANGE"),
     ("bounds_missing", "is a damaged quantized model: its bounds item is missing"),  # it loaded as the FP model
     ("config_garbled", "is a damaged checkpoint: Expecting property name"),
+    ("config_edited", "is a damaged checkpoint: param conv_after_body/bias has shape (60,)"),  # failed inside flax
 ])
-def test_a_damaged_model_checkpoint_is_one_line(tmp_path, case, cause):
-    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
-    bounds = init_bounds(model.config, QuantRules.uniform(4))
-    checkpoint = save_model(tmp_path / "q", Model(model.config, model.params, bounds))
+def test_a_damaged_model_checkpoint_is_one_line(tmp_path, quantized_checkpoint, case, cause):
+    checkpoint = shutil.copytree(quantized_checkpoint, tmp_path / "q")
     _damage(checkpoint, case)
     result = run_script("scripts/evaluate.py", "--model", str(checkpoint), "--datasets", "Set5")
     assert_one_line_error(result, f"{checkpoint} {cause}")  # one line: not orbax's abandoned reads, one traceback each
+
+
+SITE = "layers_0/residual_group/blocks_0/attn/k"
+# A hand edit of one JSON item of the quantized x2 checkpoint -> what the error must say after its path.
+EDITED = {
+    "config_extra_key": ("config", lambda c: c | {"extra": 1},
+                         "config keys do not match SwinIRConfig (unknown: ['extra'], missing: [])"),
+    "config_missing_key": ("config", lambda c: {k: v for k, v in c.items() if k != "num_feat"},
+                           "config keys do not match SwinIRConfig (unknown: [], missing: ['num_feat'])"),
+    "config_list": ("config", lambda c: [1, 2], "config is a JSON list, not an object"),
+    "config_string": ("config", lambda c: c | {"upscale": "4"},
+                      "config upscale is '4'; SwinIRConfig needs a positive integer"),
+    "config_zero_heads": ("config", lambda c: c | {"num_heads": [6, 6, 6, 0]},
+                          "config num_heads is [6, 6, 6, 0]; SwinIRConfig needs a non-empty list of positive integers"),
+    "config_inconsistent": ("config", lambda c: c | {"num_heads": [6, 6, 6, 7]},
+                            "config: embed_dim must be divisible by every num_heads entry"),
+    "embed_dim_48": ("config", lambda c: c | {"embed_dim": 48},
+                     "param conv_after_body/bias has shape (60,); SwinIR x2 (embed_dim 48, depths [6, 6, 6, 6]"),
+    "upscale_5": ("config", lambda c: c | {"upscale": 5}, "param upsample_0/bias has shape (12,); SwinIR x5"),
+    "upsampler": ("config", lambda c: c | {"upsampler": "pixelshuffle"},
+                  f"params do not match {X2.replace('pixelshuffledirect', 'pixelshuffle')}: "
+                  "4 missing ['conv_before_upsample_0/bias', 'conv_before_upsample_0/kernel'], 0 unexpected []"),
+    # checked before tracing the model, which builds (window**2, window**2) arrays and a module per block
+    "window_1000": ("config", lambda c: c | {"window_size": 1000},
+                    "config depths [6, 6, 6, 6], window 1000 do not match its params (24 blocks, bias tables of [225]"),
+    "depths_huge": ("config", lambda c: c | {"depths": [6, 6, 6, 10**9]},
+                    "config depths [6, 6, 6, 1000000000], window 8 do not match its params (24 blocks"),
+    "bits_99": ("bits", lambda b: b | {SITE: 99}, f"bit width 99 of {SITE}: expected an integer 2..8"),
+    "bits_x": ("bits", lambda b: b | {SITE: "x"}, f"bit width 'x' of {SITE}: expected an integer 2..8"),
+    "bits_float": ("bits", lambda b: b | {SITE: 4.0}, f"bit width 4.0 of {SITE}: expected an integer 2..8"),
+    "bits_other_site": ("bits", lambda b: {k: v for k, v in b.items() if k != SITE} | {"nowhere": 4},
+                        f"bounds and bit widths name different sites: 1 only in bounds ['{SITE}'], "
+                        "1 only in bits ['nowhere']"),
+}
+
+
+@pytest.mark.parametrize("case", EDITED)
+def test_an_edited_model_checkpoint_names_itself_and_the_fault(tmp_path, quantized_checkpoint, case):
+    item, edit, message = EDITED[case]
+    checkpoint = shutil.copytree(quantized_checkpoint, tmp_path / "q")
+    _edit_json_item(checkpoint, item, edit)
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoint.resolve()} is a damaged checkpoint: {message}")):
+        load_model(checkpoint)
+
+
+def test_a_run_checkpoint_without_its_item_names_it(tmp_path):
+    with RunCheckpointer(tmp_path, every=1) as checkpointer:
+        checkpointer.save(1, {"x": np.ones(3, np.float32)})
+    step = tmp_path.resolve() / "checkpoints" / "1"
+    shutil.rmtree(step / "default")  # what a --resume found in the audit
+    with RunCheckpointer(tmp_path, every=1) as checkpointer:
+        message = f'{step} is a damaged checkpoint: Item "default" was not found'
+        with pytest.raises(ValueError, match=re.escape(message)):
+            checkpointer.restore_latest({"x": np.ones(3, np.float32)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
 from pathlib import Path
@@ -95,4 +96,13 @@ def test_a_malformed_pth_names_the_file_and_the_key(real_pth, tmp_path):
     save_pth(source, {"params": {k: v for k, v in unwrap_state_dict(load_pth(real_pth)).items() if k != fc1}})
     with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(source))}: missing '{re.escape(fc1)}'"):
         export([source, "-o", tmp_path / "x.pth"])
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_checkpoint_whose_config_does_not_fit_its_params_is_not_exported(real_pth, tmp_path):
+    checkpoint = save_model(tmp_path / "x2", load_model(real_pth))
+    metadata = checkpoint / "config" / "metadata"
+    metadata.write_text(json.dumps(json.loads(metadata.read_text()) | {"upscale": 5}))  # exported as x5 before
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(checkpoint))} is a damaged checkpoint: param "):
+        export([checkpoint, "-o", tmp_path / "x.pth"])
     assert not (tmp_path / "x.pth").exists()

@@ -181,6 +181,20 @@ def test_view_beyond_storage_is_refused(tmp_path):
     assert "needs 7 elements but its storage has 6" in _load_error(path)
 
 
+@pytest.mark.parametrize(
+    ("numel", "shape", "stride", "elements"),
+    [(1, (4000, 4000), (0, 0), 16_000_000), (5, (3, 3), (1, 1), 9)],
+    ids=["stride_0_bomb", "overlapping"],
+)
+def test_view_with_more_elements_than_its_storage_is_refused(tmp_path, numel, shape, stride, elements):
+    # A file of a few hundred bytes; the audit's (40000, 40000) bomb allocated 6.4 GB, this one (kept small so
+    # that a regression cannot exhaust a CI machine) would allocate 64 MB.
+    pkl = _tensor_pkl("FloatStorage", numel, 0, shape, stride)
+    path = _archive(tmp_path / "v.pth", pkl, np.zeros(numel, "<f4").tobytes())
+    msg = _load_error(path)
+    assert f"has {elements} elements but its storage only {numel}: overlapping or stride-0 views" in msg
+
+
 def test_short_storage_record_is_refused(tmp_path):
     pkl = _tensor_pkl("FloatStorage", 6, 0, (6,), (1,))
     path = _archive(tmp_path / "v.pth", pkl, np.zeros(5, "<f4").tobytes())

@@ -4,8 +4,8 @@ Handles the official SwinIR / 2DQuant layout (`swinir_arch.py`): `{"params": sd}
 bare state dict, with or without a `module.` prefix (DataParallel) and with or without the derived buffers
 `relative_position_index` and `attn_mask` (checked against their recomputed values, then dropped).
 Refuses everything else by name: missing keys, leftover keys, wrong shapes (checked in one pass against the
-shapes the inferred config implies), non-string keys, zero-size or non-finite tensors, and state dicts that are
-not SwinIR.
+shapes the inferred config implies), non-string keys, zero-size, non-float or non-finite weights, and state dicts
+that are not SwinIR.
 
 Transposes by rule: Linear weight (out, in) -> kernel (in, out); Conv2d weight (out, in, kh, kw) -> kernel
 (kh, kw, in, out); the qkv Linear is split row-wise into the q, k, v linears (rows 0:C, C:2C, 2C:3C).
@@ -13,6 +13,7 @@ Transposes by rule: Linear weight (out, in) -> kernel (in, out); Conv2d weight (
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
@@ -184,16 +185,20 @@ def infer_config(sd: dict[str, np.ndarray]) -> SwinIRConfig:
         raise ConversionError(
             f"{table0!r} has shape {sd[table0].shape}; SwinIR needs ((2*window-1)**2, heads), e.g. (225, {heads[0]})"
         )
-    mlp_hidden = _dims(sd, "layers.0.residual_group.blocks.0.mlp.fc1.weight", _LINEAR)[0]
-    if "conv_before_upsample.0.weight" in sd:
+    mlp_hidden = _mlp_hidden(sd)
+    # The layout is told by its key prefixes, so that a missing conv is named rather than the layout refused.
+    if any(k.startswith("conv_before_upsample.") for k in sd):
         num_feat = _dims(sd, "conv_before_upsample.0.weight", _CONV)[0]
-        factors = [_shuffle_factor(sd, k, num_feat) for k in sorted(sd) if re.fullmatch(r"upsample\.\d+\.weight", k)]
-        upsampler, scale = "pixelshuffle", math.prod(factors)
-    elif "upsample.0.weight" in sd:
+        convs = {"upsample.0.weight"} | {k for k in sd if re.fullmatch(r"upsample\.\d+\.weight", k)}
+        upsampler, scale = "pixelshuffle", math.prod(_shuffle_factor(sd, k, num_feat) for k in sorted(convs))
+    elif any(k.startswith("upsample.") for k in sd):
         num_feat, upsampler = 64, "pixelshuffledirect"
         scale = _shuffle_factor(sd, "upsample.0.weight", in_chans)
     else:
-        raise ConversionError("SwinIR without a supported upsampler (pixelshuffle or pixelshuffledirect)")
+        raise ConversionError(
+            "SwinIR without a supported upsampler: no 'upsample.*' keys (pixelshuffledirect) "
+            "nor 'conv_before_upsample.*' keys (pixelshuffle)"
+        )
     try:
         return SwinIRConfig(
             upscale=scale, in_chans=int(in_chans), embed_dim=int(embed_dim), depths=tuple(depths),
@@ -212,6 +217,18 @@ def _dims(sd: dict[str, np.ndarray], key: str, layout: tuple[str, ...]) -> tuple
     if len(shape) != len(layout):
         raise ConversionError(f"{key!r} has shape {shape}; SwinIR needs {len(layout)} dimensions ({', '.join(layout)})")
     return shape
+
+
+def _mlp_hidden(sd: dict[str, np.ndarray]) -> int:
+    """The MLP width most of the tensors that carry it agree on (fc1 rows and bias, fc2 columns, in every block):
+    read off a single tensor, one damaged tensor would make the shape check blame its intact neighbours."""
+    _dims(sd, "layers.0.residual_group.blocks.0.mlp.fc1.weight", _LINEAR)  # there, and a matrix
+    carriers = ((r"fc1\.weight", 0), (r"fc1\.bias", 0), (r"fc2\.weight", 1))  # (tensor, axis of the width)
+    widths = collections.Counter(
+        v.shape[axis] for k, v in sd.items() for name, axis in carriers
+        if v.ndim > axis and re.fullmatch(rf"layers\.\d+\.residual_group\.blocks\.\d+\.mlp\.{name}", k)
+    )
+    return widths.most_common(1)[0][0]
 
 
 def _shuffle_factor(sd: dict[str, np.ndarray], key: str, channels: int) -> int:
@@ -294,6 +311,8 @@ def torch_to_flax(sd: dict[str, np.ndarray], config: SwinIRConfig | None = None)
     for key, shape in shapes.items():
         if sd[key].shape != shape:
             raise ConversionError(f"{key!r} has shape {sd[key].shape}; {describe(config)} needs {shape}")
+        if not np.issubdtype(sd[key].dtype, np.floating):  # the int64 buffers are dropped, not weights
+            raise ConversionError(f"{key!r} is {sd[key].dtype}; SwinIR weights are floating point")
     for k in dropped:
         _check_dropped_buffer(k, sd[k], config.window_size)
     flat = {}

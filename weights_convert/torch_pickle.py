@@ -15,8 +15,9 @@ native bfloat16), int64, int32, int16, int8, uint8 and bool.  Everything else
 is refused with a one-line :class:`PthError` naming the file, including every
 other pickled global (``os.system``, ``builtins.eval``, ...), so nothing in a
 file can execute; tensor subclasses, quantized, complex, float8 and
-uint16/32/64 tensors; legacy pre-1.6 (non-zip) files; big-endian archives;
-corrupt or truncated zips.
+uint16/32/64 tensors; views that read past their storage or hold more elements
+than it (overlapping or stride-0, never weights); legacy pre-1.6 (non-zip) files;
+big-endian archives; corrupt or truncated zips.
 
 :func:`save_pth` writes nested dicts of arrays in the same layout (pickle
 protocol 2, ZIP_STORED, 64-byte aligned records), readable by
@@ -113,7 +114,15 @@ def _rebuild_tensor_v2(
     if len(shape) != len(strides) or not all(isinstance(v, int) and v >= 0 for v in ints):
         raise ValueError(f"bad tensor view: offset {storage_offset}, size {size}, stride {stride}")
     flat = storage.flat
-    if math.prod(shape) == 0:
+    numel = math.prod(shape)
+    # Checked before copying: a stride-0 view of one element could otherwise make a few hundred bytes of
+    # file allocate gigabytes.  Weights never overlap, so a view cannot hold more elements than its storage.
+    if numel > flat.size:
+        raise ValueError(
+            f"tensor view (size {shape}, stride {strides}) has {numel} elements but its storage only "
+            f"{flat.size}: overlapping or stride-0 views are not weights"
+        )
+    if numel == 0:
         view = flat[:0].reshape(shape)
     else:
         needed = storage_offset + 1 + sum((n - 1) * s for n, s in zip(shape, strides))
