@@ -26,7 +26,7 @@ from jaxquant.quant import Bounds, flat_bounds, nest_bounds
 from jaxquant.swinir import SwinIRConfig
 
 Params = Mapping[str, Any]
-BIT_WIDTHS = range(2, 9)  # of a stored quantized model: what QuantizeConfig accepts
+BIT_WIDTHS = range(2, 9)  # of a quantized model, stored or configured (QuantizeConfig)
 
 
 class Model(NamedTuple):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -56,19 +58,30 @@ def resolve_data_root(flag_value: str | None) -> Path:
 def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
     # The high byte: what PIL does to 16-bit colour PNGs, and what cv2.imread (the official code's reader) does
     # to any 16-bit image, gray or colour.
-    return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+    return (values >> 8).astype(np.uint8)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read any common image as a uint8 HxWx3 RGB array (alpha dropped, gray replicated)."""
+    """Read any common image as a uint8 HxWx3 RGB array (alpha dropped, gray replicated).
+
+    Float pixels, 32-bit integers beyond the 16-bit range and images over PIL's decompression-bomb limit
+    (`Image.MAX_IMAGE_PIXELS`) are refused: floats have no agreed range (PIL would read a [0, 1] float TIFF
+    as black and the model would still score it), and a bomb would take the memory of the whole run."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit gray as PIL reports it
-                gray = _sixteen_bit_to_uint8(np.asarray(image, dtype=np.int64))
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three on bad files
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice the limit
+            with Image.open(path) as image:
+                image.load()
+                if image.mode == "F":
+                    raise ValueError("32-bit float pixels have no agreed range; save it with 8 or 16 bits")
+                if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit gray as PIL reports it
+                    values = np.asarray(image, dtype=np.int64)
+                    if values.min() < 0 or values.max() > 65535:
+                        raise ValueError("32-bit integer pixels beyond the 16-bit range; save it with 8 or 16 bits")
+                    return np.repeat(_sixteen_bit_to_uint8(values)[:, :, None], 3, axis=2)
+                return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    # PIL raises all of OSError, ValueError and SyntaxError on bad files; its bomb error is none of them
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ValueError(f"cannot read image {path}: {reason}") from None
 
@@ -90,21 +103,35 @@ def write_image(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def check_output_path(path: str | os.PathLike, *, folder: bool = False) -> None:
-    """Refuse, before any work is done, an output path that cannot be written: an existing file where a
-    folder is wanted or the reverse, a path under a file, or one in a read-only folder."""
+    """Refuse, before any work is done, an output path that would lose data or cannot be written: an existing
+    file, or a non-empty folder where a folder is wanted (nothing is overwritten), an existing file where a
+    folder is wanted or the reverse, a path under a file, or one where no file can be created."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise FileExistsError(f"{path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}")
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):  # an empty folder holds nothing to lose
+        raise FileExistsError(f"{path} exists; choose another path or remove it")
     existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() and existing != path:
+    if existing != path and not existing.is_dir():
         raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise PermissionError(f"cannot write {path}: {existing} is read-only")
+    if existing.is_dir():  # not a device such as /dev/null, which is written as it is
+        _probe_write(existing, path)
+
+
+def _probe_write(folder: Path, path: Path) -> None:
+    """Create and remove a file in `folder`, for `path` below it (`os.access` is no test: root passes it for
+    folders such as /sys, where nothing can be created)."""
+    try:
+        tempfile.NamedTemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise PermissionError(f"cannot write {path}: no file can be created in {folder} ({error.strerror})") from None
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files (png/jpg/jpeg/bmp/tif) directly in `folder`, sorted by name."""
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"image folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

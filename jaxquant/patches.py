@@ -52,10 +52,12 @@ def make_pool(
     scale: int = 1,
     *,
     min_size: int = 1,
+    source: str | Path | None = None,
 ) -> PatchPool:
     """Pack uint8 HxWxC LR images (and HR images of exactly `scale` x their size) into a `PatchPool`.
 
-    Images with an LR side under `min_size` (the largest patch you will sample) are dropped with a warning.
+    Images with an LR side under `min_size` (the largest patch you will sample) are dropped with a warning;
+    the warning and the error where none is left name `source`, the folder the images came from, if given.
     """
     if hr_images is not None and len(hr_images) != len(lr_images):
         raise ValueError(f"{len(lr_images)} LR images but {len(hr_images)} HR images")
@@ -65,11 +67,13 @@ def make_pool(
         if hr_images is not None and hr_images[i].shape != (lr.shape[0] * scale, lr.shape[1] * scale, lr.shape[2]):
             raise ValueError(f"image {i}: HR shape {hr_images[i].shape} is not {scale} x LR shape {lr.shape}")
     keep = [i for i, lr in enumerate(lr_images) if min(lr.shape[:2]) >= min_size]
+    where = f"{source}: " if source else ""
     if len(keep) < len(lr_images):
         dropped = len(lr_images) - len(keep)
-        warnings.warn(f"dropped {dropped} of {len(lr_images)} images with an LR side under {min_size}", stacklevel=2)
+        warnings.warn(f"{where}dropped {dropped} of {len(lr_images)} images with an LR side under {min_size}",
+                      stacklevel=2)
     if not keep:
-        raise ValueError(f"no image has an LR side of at least {min_size} pixels (of {len(lr_images)} images)")
+        raise ValueError(f"{where}no image has an LR side of at least {min_size} pixels (of {len(lr_images)} images)")
     return PatchPool(
         lr=jnp.asarray(_pad_stack([lr_images[i] for i in keep])),
         sizes=jnp.asarray([lr_images[i].shape[:2] for i in keep], jnp.int32),
@@ -91,7 +95,7 @@ def lr_pool_from_folder(folder: str | Path, scale: int, *, min_size: int = 1, ke
     `keep_hr=False` packs the LR images alone (DQC distils from the FP model and never reads HR), which keeps
     the HR images, `scale`^2 times larger, off the device."""
     lr, hr = bicubic_pairs([read_image(p) for p in list_images(folder)], scale)
-    return make_pool(lr, hr if keep_hr else None, scale, min_size=min_size)
+    return make_pool(lr, hr if keep_hr else None, scale, min_size=min_size, source=folder)
 
 
 def _augment(patch: Array, flips: Array) -> Array:

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -25,16 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.checkpoint import Model, load_model, save_model
+from jaxquant.checkpoint import BIT_WIDTHS, Model, load_model, save_model
 from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, list_images, load_benchmark,
                            load_benchmarks, read_image)
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
 from jaxquant.evaluate import compile_concurrently, evaluate, forward_compilations, results_table
-from jaxquant.patches import lr_pool_from_folder, make_pool, sample_patches
+from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
-from jaxquant.runs import (RunCheckpointer, claim_run_dir, progress, read_json_object, read_run_json,
-                           stop_on_interrupt, write_results)
+from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json, read_json_object,
+                           read_run_json, stop_on_interrupt, write_atomically, write_results)
 from jaxquant.visualize import comparison_grid
 from weights_convert.torch_pickle import load_pth
 
@@ -71,6 +74,7 @@ class QuantizeConfig:
 
     bits: int = 2
     scale: int = 4
+    data_root: str | None = None  # holds benchmark/<name>: the datasets evaluated on, and Set5 for DQC's validation
     model: str | None = None
     method: Method = "dobi"
     strategy: Strategy = "official"
@@ -97,8 +101,8 @@ class QuantizeConfig:
         return cls(**d | {"dqc": DQCConfig(**d["dqc"]) if d.get("dqc") else None})
 
     def __post_init__(self):
-        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
-            raise ValueError(f"bits must be 2..8, got {self.bits}")
+        if self.bits not in BIT_WIDTHS:
+            raise ValueError(f"bits must be {BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}, got {self.bits}")
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.calib_patches < 1 or self.calib_size < 8 or self.validate_every < 1 or self.checkpoint_every < 1:
@@ -124,14 +128,17 @@ class QuantizeConfig:
         return [*(c for c in dict.fromkeys(self.compare) if c != self.init_name), self.init_name]
 
     def with_paths(self, data_root: Path) -> "QuantizeConfig":
-        """This config with every path it reads or writes absolute and the data root's defaults filled in: a
-        run directory then stands alone, and a resume reads the same model and images whatever data root."""
+        """This config with every path it reads or writes absolute and the defaults of its data root (if unset,
+        `data_root`) filled in: a run directory then stands alone, and a resume reads the same model and images
+        whatever data root it is given. (A config saved before `data_root` was recorded takes the one given.)"""
         absolute = lambda path: str(Path(path).resolve()) if path else None
+        root = Path(self.data_root or data_root)
         return dataclasses.replace(
             self,
-            model=absolute(self.model or data_root / "weights" / f"swinir_light_x{self.scale}_t291.pth"),
-            calib=None if self.import_bounds else absolute(self.calib or data_root / "calib"),
-            train_dir=absolute(self.train_dir or data_root / "train" / "t291") if self.dqc else None,
+            data_root=absolute(root),
+            model=absolute(self.model or root / "weights" / f"swinir_light_x{self.scale}_t291.pth"),
+            calib=None if self.import_bounds else absolute(self.calib or root / "calib"),
+            train_dir=absolute(self.train_dir or root / "train" / "t291") if self.dqc else None,
             import_bounds=absolute(self.import_bounds),
             export_bounds=absolute(self.export_bounds),
         )
@@ -154,7 +161,7 @@ def load_calibration(source: Path, count: int, size: int, seed: int) -> jax.Arra
     """Calibration LR patches (N, H, W, 3) in [0, 1] from an image folder (`count` random `size` crops),
     an `.npy` / `.npz` array (N, 3, H, W) in [0, 1], or an official `cali_data_x*.pth` holding {"lq": tensor}."""
     if source.is_dir():
-        pool = make_pool([read_image(p) for p in list_images(source)], min_size=size)
+        pool = make_pool([read_image(p) for p in list_images(source)], min_size=size, source=source)
         return sample_patches(pool, jax.random.PRNGKey(seed), count, size)[0]
     if not source.is_file():
         raise FileNotFoundError(f"no calibration data at {source}")
@@ -165,25 +172,62 @@ def load_calibration(source: Path, count: int, size: int, seed: int) -> jax.Arra
         array = _load_numpy(source)
     else:
         raise ValueError(f"calibration data must be a folder, .npy, .npz or .pth, got {source}")
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+    if not isinstance(array, np.ndarray):
         raise ValueError(f"{source}: expected one numeric array (or an 'lq' entry) of calibration images")
+    if not _is_real(array.dtype):
+        raise ValueError(f"{source}: calibration images must be real numbers, got {array.dtype}")
     n, c, h, w = array.shape if array.ndim == 4 else (0, 0, 0, 0)
-    if n < 1 or c != 3 or min(h, w) < 8 or not np.all((array >= 0) & (array <= 1)):
+    if n < 1 or c != 3 or min(h, w) < 8:
         raise ValueError(f"{source}: expected calibration images shaped (N, 3, H, W) in [0, 1] with N >= 1 and "
                          f"H, W >= 8 (the window), got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{source}: the calibration images hold NaN or infinite values")
+    if array.min() < 0 or array.max() > 1:
+        raise ValueError(f"{source}: calibration images must be in [0, 1], found values from {array.min():g} to "
+                         f"{array.max():g}")
     return jnp.asarray(array.transpose(0, 2, 3, 1), jnp.float32)
+
+
+def _is_real(dtype: np.dtype) -> bool:
+    """Integers or floats: not booleans, complex numbers (whose imaginary part would be dropped) or objects."""
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
 
 
 def _load_numpy(source: Path) -> np.ndarray | None:
     """The array of an `.npy`, or the `lq` (else only) array of an `.npz`; None where there is no such array."""
     try:
-        loaded = np.load(source, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            return loaded
-        names = loaded.files
-        return loaded["lq"] if "lq" in names else (loaded[names[0]] if len(names) == 1 else None)
-    except (ValueError, EOFError, OSError) as e:  # empty, truncated, not numpy, or holding pickled objects
-        raise ValueError(f"{source}: not a readable numpy array ({e})") from None
+        if source.suffix == ".npy":
+            with source.open("rb") as stream:
+                return _read_npy(stream, source.stat().st_size)
+        with zipfile.ZipFile(source) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            member = members.get("lq") or (next(iter(members.values())) if len(members) == 1 else None)
+            if member is None:
+                return None
+            with archive.open(member) as stream:
+                return _read_npy(stream, archive.getinfo(member).file_size)
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # empty, truncated or not numpy
+        raise ValueError(f"{source}: not a valid {source.suffix} array of real numbers ({e})") from None
+
+
+def _read_npy(stream, size: int) -> np.ndarray:
+    """The array a `.npy` stream of `size` bytes holds, its header checked first: numpy allocates the array
+    it describes before reading (a 4 KB file claiming (100000, 3, 300, 300) asked for 101 GiB), and would
+    point to unpickling for data that is not numbers."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(stream)
+    except ValueError:
+        raise ValueError("no numpy header") from None
+    if not _is_real(dtype):
+        raise ValueError(f"{dtype} values")
+    claimed, held = math.prod(shape) * dtype.itemsize, size - stream.tell()
+    if claimed > held:
+        raise ValueError(f"its header describes a {shape} {dtype} array of {claimed:,} bytes, but the file holds "
+                         f"{held:,}")
+    stream.seek(0)
+    return np.lib.format.read_array(stream, allow_pickle=False)
 
 
 def read_bounds_json(path: Path, model: Model, bits: int) -> dict:
@@ -202,7 +246,7 @@ def read_bounds_json(path: Path, model: Model, bits: int) -> dict:
 def write_bounds_json(path: Path, bounds: dict) -> None:
     """`{official quantizer name: [l, u]}`; float32 values survive the JSON round trip exactly."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bounds_to_official(bounds), indent=1))
+    write_atomically(path, json.dumps(bounds_to_official(bounds), indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,10 +257,16 @@ def _validation_psnr(model: Model, bounds, set5: list[BenchmarkImage]) -> float:
     return evaluate(model._replace(bounds=bounds), {"Set5": set5}, show_progress=False)["Set5"]["psnr"]
 
 
+def dqc_pool(run: QuantizeConfig) -> PatchPool:
+    """DQC's training images (`run` with its paths): LR alone, since DQC distils from the FP model."""
+    return lr_pool_from_folder(run.train_dir, run.scale, min_size=run.dqc.patch, keep_hr=False)
+
+
 def run_dqc(
-    model: Model, bounds: dict, run: QuantizeConfig, data_root: Path, run_dir: Path, stop_after: int | None = None
+    model: Model, bounds: dict, run: QuantizeConfig, pool: PatchPool, run_dir: Path, stop_after: int | None = None
 ) -> tuple[dict, dict]:
-    """Train the bounds from `bounds`; returns the best bounds on Set5 and a log of the run.
+    """Train the bounds from `bounds` on patches of `pool` (`dqc_pool`); returns the best bounds on Set5 (of
+    `run.data_root`: `run` with its paths) and a log of the run.
 
     Validation runs every `validate_every` steps and at the end; the initial (DOBI) bounds are not candidates,
     so the result is always a DQC result. Checkpoints every `checkpoint_every` steps resume bit for bit.
@@ -224,9 +274,7 @@ def run_dqc(
     A first Ctrl-C stops it after the current step, checkpointed, with a `KeyboardInterrupt`.
     """
     dqc = run.dqc
-    train_dir = run.with_paths(data_root).train_dir
-    pool = lr_pool_from_folder(train_dir, run.scale, min_size=dqc.patch, keep_hr=False)
-    set5 = load_benchmark(data_root, "Set5", run.scale)
+    set5 = load_benchmark(run.data_root, "Set5", run.scale)
     key = jax.random.PRNGKey(run.seed)
     # dqc_step donates its state: train on a copy, and copy what is kept from it.
     state = (init_state(_copy(bounds), dqc), bounds, key)
@@ -237,7 +285,8 @@ def run_dqc(
         start, stop = int(dqc_state.step), min(dqc.steps, stop_after or dqc.steps)
         # The validation log (float64 PSNRs, which pick the best step) is JSON beside the checkpoints and is
         # written before them: entries past the restored step never happened.
-        history = [h for h in _read_json(history_file, []) if h["step"] <= start]
+        logged = read_json(history_file) if history_file.is_file() else []
+        history = [h for h in logged if h["step"] <= start]
         with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar, \
                 stop_on_interrupt() as interrupted:
             for step in range(start, stop):
@@ -255,7 +304,7 @@ def run_dqc(
                     bar.log(loss=float(terms["loss"]))
                 stopping = interrupted()
                 if done % run.checkpoint_every == 0 or done == stop or stopping:
-                    history_file.write_text(json.dumps(history, indent=1))
+                    write_atomically(history_file, json.dumps(history, indent=1))
                     checkpoints.save(done, (dqc_state, best, key), force=True)
                 if stopping:
                     raise KeyboardInterrupt(f"DQC checkpointed at step {done}")
@@ -276,24 +325,16 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def _read_json(path: Path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The whole run
 
 
-def _check_paths(run: QuantizeConfig, data_root: Path, resume: bool) -> None:
-    """Fail before hours of work, and before the run directory is claimed: a run recorded with a bad path
-    could neither be resumed nor started again there. (A resume reads its calibrated bounds back.)"""
+def _check_paths(run: QuantizeConfig, run_dir: Path, resume: bool) -> None:
+    """The quick checks of where the run reads and writes, before its inputs load."""
+    check_run_dir(run_dir, CONFIG_FILE, resume, RUN_KIND)
     if run.dqc:
-        benchmark_dir(data_root, "Set5")  # DQC validates on it
-    if not resume and run.calib and not Path(run.calib).exists():
-        raise FileNotFoundError(f"no calibration data at {run.calib}")
-    if run.train_dir and not Path(run.train_dir).is_dir():
-        raise FileNotFoundError(f"no folder of training images at {run.train_dir}")
-    if run.export_bounds:
+        benchmark_dir(Path(run.data_root), "Set5")  # DQC validates on it
+    if run.export_bounds and not (resume and Path(run.export_bounds).exists()):  # a resume may find its own there
         check_output_path(run.export_bounds)
 
 
@@ -314,33 +355,40 @@ def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, sec
     return "\n\n".join(parts) + "\n"
 
 
-def _calibrate(model: Model, start: dict, run: QuantizeConfig, run_dir: Path, resume: bool) -> dict[str, dict]:
-    """The bounds of each initialisation in `run.calibrations` by label, each also written as JSON; a resume
-    reads back those already written. The calibration images load before the progress bar starts."""
-    saved = {init: run_dir / "calibration" / f"{INITS[init].label}.json" for init in run.calibrations}
-    todo = [init for init in run.calibrations if not (resume and saved[init].is_file())]
-    images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed) if todo else None
+def _bounds_file(run_dir: Path, init: str) -> Path:
+    return run_dir / "calibration" / f"{INITS[init].label}.json"
+
+
+def _uncalibrated(run: QuantizeConfig, run_dir: Path, resume: bool) -> list[str]:
+    """The initialisations to calibrate: all of `run.calibrations`, less on a resume those written before."""
+    return [init for init in run.calibrations if not (resume and _bounds_file(run_dir, init).is_file())]
+
+
+def _calibrate(model: Model, start: dict, run: QuantizeConfig, run_dir: Path, todo: list[str],
+               images: jax.Array | None) -> dict[str, dict]:
+    """The bounds of each initialisation in `run.calibrations` by label: those in `todo` calibrated on
+    `images` and written as JSON, the others (a resume's) read back."""
     stages = {}
     with progress(len(todo), desc=f"calibration W{run.bits}A{run.bits} x{run.scale}", unit="init") as bar:
         for init in run.calibrations:
             method, strategy, label = INITS[init]
             if init not in todo:
-                stages[label] = read_bounds_json(saved[init], model, run.bits)
+                stages[label] = read_bounds_json(_bounds_file(run_dir, init), model, run.bits)
                 continue
             bar.set_postfix_str(label)
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
             stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
-            write_bounds_json(saved[init], stages[label])
+            write_bounds_json(_bounds_file(run_dir, init), stages[label])
             bar.update(1)
     return stages
 
 
-def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: dict, data_root: Path) -> list:
+def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: dict) -> list:
     """What the run compiles after calibration: the FP and fake-quant forwards at every benchmark (and Set5
     validation) image shape, and the DQC step. Compiled beside the calibration, they cost no wall time there
     (on an H100, the step took ~55 s and Set5's five shapes ~90 s, one after another)."""
     if run.dqc:
-        benchmarks = benchmarks | {"Set5 (validation)": load_benchmark(data_root, "Set5", run.scale)}
+        benchmarks = benchmarks | {"Set5 (validation)": load_benchmark(run.data_root, "Set5", run.scale)}
     quantized = model._replace(bounds=start)
     forwards = [*forward_compilations(model, benchmarks), *forward_compilations(quantized, benchmarks)]
     return forwards + ([functools.partial(_compile_step, model, start, run.dqc)] if run.dqc else [])
@@ -363,29 +411,37 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
 
     A new run needs a run directory that holds no run. `resume` continues the run in `run_dir`, which must
     have been started with the same `run`: the calibrated bounds are read back and DQC goes on from its last
-    checkpoint, ending with the bounds of an uninterrupted run."""
+    checkpoint, ending with the bounds of an uninterrupted run. `data_root` fills in the paths `run` leaves
+    unset (`QuantizeConfig.with_paths`).
+
+    Every input loads before the run directory is claimed: a run recorded with a bad input could neither be
+    resumed nor started again there."""
     run = run.with_paths(data_root)
+    _check_paths(run, run_dir, resume)
     model = load_model(run.model)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:
         raise ValueError(f"{run.model} is a x{model.config.upscale} model, but --scale is {run.scale}")
     imported = read_bounds_json(Path(run.import_bounds), model, run.bits) if run.import_bounds else None
-    benchmarks = load_benchmarks(data_root, run.datasets, run.scale)  # a bad image fails now, not after DQC
-    _check_paths(run, data_root, resume)
+    benchmarks = load_benchmarks(run.data_root, run.datasets, run.scale)  # a bad image fails now, not after DQC
+    todo = [] if imported is not None else _uncalibrated(run, run_dir, resume)
+    images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed) if todo else None
+    pool = dqc_pool(run) if run.dqc else None
     claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
 
     start = init_bounds(model.config, QuantRules.uniform(run.bits))
     seconds = {}  # wall time of each phase in this process, compilation included
     with ThreadPoolExecutor(max_workers=1) as background:
-        ahead = background.submit(_timed, compile_concurrently, _compilations(model, start, run, benchmarks, data_root))
+        ahead = background.submit(_timed, compile_concurrently, _compilations(model, start, run, benchmarks))
         clock = time.perf_counter()
-        stages = {"imported": imported} if imported is not None else _calibrate(model, start, run, run_dir, resume)
+        stages = ({"imported": imported} if imported is not None
+                  else _calibrate(model, start, run, run_dir, todo, images))
         seconds["calibration"] = time.perf_counter() - clock
         seconds["compilation (beside calibration)"] = ahead.result()
     clock = time.perf_counter()
 
     dqc_log = None
     if run.dqc is not None:
-        stages["DQC"], dqc_log = run_dqc(model, list(stages.values())[-1], run, data_root, run_dir)
+        stages["DQC"], dqc_log = run_dqc(model, list(stages.values())[-1], run, pool, run_dir)
         seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jaxquant.checkpoint import reading_checkpoint
+from jaxquant.cli import interrupted
+from jaxquant.data import check_output_path
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -65,24 +68,42 @@ def _unpack(packed: dict[str, np.ndarray], target: Any) -> Any:
     return treedef.unflatten(out)
 
 
+def check_run_dir(run_dir: Path, config_file: str, resume: bool, kind: str) -> None:
+    """Refuse, before any work, a run dir the run could not claim: for a resume one that holds no `kind`; for a
+    new run one that holds a run or anything else, or that could not be created (under a file, read-only)."""
+    if resume:
+        read_run_json(run_dir, config_file, kind)
+    elif (run_dir / config_file).exists():
+        raise FileExistsError(f"{run_dir} already holds a {kind}; resume it or pick another run dir")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise FileExistsError(f"{run_dir} exists and is not an empty folder; pick another run dir")
+    elif not run_dir.exists():
+        check_output_path(run_dir, folder=True)
+
+
 def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, kind: str) -> None:
     """Record `config` (a JSON dict) in a new run dir, or check that a resumed run dir was started with it.
 
     A run dir belongs to one run: its checkpoints hold that run's state, which a run with other settings must
-    not silently continue (it would keep the old seed, optimizer state and validation history)."""
-    path = run_dir / config_file
+    not silently continue (it would keep the old seed, optimizer state and validation history). A setting the
+    saved config lacks is newer than the run, which resumes with its current value."""
+    check_run_dir(run_dir, config_file, resume, kind)
     if not resume:
-        if path.exists():
-            raise FileExistsError(f"{run_dir} already holds a {kind}; resume it or pick another run dir")
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise FileExistsError(f"{run_dir} exists and is not an empty folder; pick another run dir")
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=2) + "\n")
+        write_atomically(run_dir / config_file, json.dumps(config, indent=2) + "\n")
         return
     saved, current = read_run_json(run_dir, config_file, kind), json.loads(json.dumps(config))
-    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    changed = sorted(k for k in saved if saved[k] != current.get(k))
     if changed:
         raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
+
+
+def interrupted_run(stopped: KeyboardInterrupt, run_dir: Path, config_file: str, script: str) -> str:
+    """The exit message of a run stopped by Ctrl-C: with the command that resumes it once its run dir is
+    claimed; before that there is nothing to resume (and the same command starts it afresh)."""
+    if not (Path(run_dir) / config_file).is_file():
+        return "interrupted"
+    return interrupted(stopped, f"python {script} --resume {run_dir}")
 
 
 def read_run_json(run_dir: Path, name: str, kind: str) -> dict:
@@ -93,15 +114,33 @@ def read_run_json(run_dir: Path, name: str, kind: str) -> dict:
     return read_json_object(path)
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object; anything else is a one-line ValueError naming the file."""
+def read_json(path: Path) -> Any:
+    """The value a JSON file holds; unreadable JSON is a one-line ValueError naming the file."""
     try:
-        value = json.loads(Path(path).read_bytes())
+        return json.loads(Path(path).read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object; anything else is a one-line ValueError naming the file."""
+    value = read_json(path)
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a file beside it and a rename: a kill leaves the old file or the new one,
+    never a torn one that a resume could not read back."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 class RunCheckpointer:
@@ -191,5 +230,5 @@ def write_results(run_dir: str | Path, results: dict, table: str) -> None:
     """Write `results.json` (the dict) and `results.md` (the markdown table) into `run_dir`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (run_dir / "results.md").write_text(table.rstrip("\n") + "\n")
+    write_atomically(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(run_dir / "results.md", table.rstrip("\n") + "\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
 from jaxquant.evaluate import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
-from jaxquant.runs import RunCheckpointer, claim_run_dir, progress, read_run_json, stop_on_interrupt, write_results
+from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json_object, read_run_json,
+                           stop_on_interrupt, write_results)
 from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
 
 Array = jax.Array
@@ -229,6 +229,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
     the current step, checkpointed, with a `KeyboardInterrupt`.
     """
     run_dir = Path(run_dir)
+    check_run_dir(run_dir, CONFIG_FILE, resume, RUN_KIND)
     pool = lr_pool_from_folder(cfg.images_dir, cfg.scale, min_size=cfg.patch)
     val_images = load_benchmark(cfg.data_dir, "Set5", cfg.scale) if cfg.val_every else []
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
             state = checkpoints.restore_latest(state) or init_state(cfg)  # none: killed before the first one
         first = int(state.step)
         if first == cfg.steps and (run_dir / "results.json").is_file():  # resuming a finished run
-            return json.loads((run_dir / "results.json").read_text())
+            return read_json_object(run_dir / "results.json")
         with progress(cfg.steps, first, desc=f"train x{cfg.scale}") as bar, stop_on_interrupt() as interrupted:
             for step in range(first + 1, end + 1):
                 state, loss = train_step(state, pool, cfg=cfg)

@@ -10,6 +10,7 @@ import jax
 
 from jaxquant.checkpoint import load_model, save_model
 from jaxquant.cli import main_guard
+from jaxquant.data import check_output_path
 from weights_convert.swinir import describe
 
 
@@ -23,6 +24,7 @@ def main():
     out = args.out or Path("checkpoints") / args.pth.stem
     if out.exists():  # saving replaces a checkpoint folder whole, whatever else it holds
         raise FileExistsError(f"{out} exists; choose another path or remove it")
+    check_output_path(out, folder=True)
     if args.param_key is not None and args.pth.is_dir():
         raise ValueError(f"--param-key applies to a .pth file; {args.pth} is a folder")
     model = load_model(args.pth, args.param_key)

@@ -14,14 +14,21 @@ from jaxquant.evaluate import evaluate, results_table
 from weights_convert.swinir import describe
 
 
-def check_outputs(out: Path | None, images_dir: Path | None) -> None:
+def check_outputs(out: Path | None, images_dir: Path | None, datasets: list[str]) -> None:
     """Refuse output paths that cannot be written now, not after the whole evaluation."""
     if out:
         check_output_path(out)
     if images_dir:
         check_output_path(images_dir, folder=True)
-        if out and out.resolve() in (images_dir.resolve(), *images_dir.resolve().parents):
-            raise ValueError(f"--out {out} would be a folder once the images are saved under {images_dir}")
+        for dataset in datasets:  # the images go to <images_dir>/<dataset>/<image>.png
+            if out and overlaps(out, images_dir / dataset):
+                raise ValueError(f"--out {out} collides with the {dataset} images saved in {images_dir / dataset}")
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` are the same path or one lies inside the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 @main_guard
@@ -36,7 +43,7 @@ def main():
     datasets = [d for d in args.datasets.split(",") if d]
     if not datasets:
         raise ValueError(f"--datasets {args.datasets!r} names no benchmark")
-    check_outputs(args.out, args.save_images)
+    check_outputs(args.out, args.save_images, datasets)
     root = resolve_data_root(args.data_root)
     model = load_model(args.model)
     kind = "FP" if model.bounds is None else "quantized"

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxquant.checkpoint import load_model
 from jaxquant.cli import main_guard
+from jaxquant.data import check_output_path
 from weights_convert.swinir import describe, flax_to_torch
 from weights_convert.torch_pickle import save_pth
 
@@ -25,8 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("model", help="run dir, model checkpoint or .pth")
     p.add_argument("-o", "--output", type=Path, required=True, help="the .pth to write")
     args = p.parse_args(argv)
-    if args.output.exists():
-        raise FileExistsError(f"{args.output} exists; choose another path or remove it")
+    check_output_path(args.output)
     model = load_model(args.model)
     state_dict = flax_to_torch(model.config, model.params)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from jaxquant.cli import interrupted, main_guard
+from jaxquant.cli import main_guard
 from jaxquant.dobi import Strategy
 from jaxquant.data import resolve_data_root
 from jaxquant.evaluate import results_table
 from jaxquant.pipeline import (
-    CALIB_PATCHES, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run,
+    CALIB_PATCHES, CONFIG_FILE, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run,
 )
+from jaxquant.runs import interrupted_run
 
 
 # Flags that make others meaningless; giving both is an error rather than a silently ignored setting.
@@ -32,6 +33,19 @@ IGNORED_WITH = {
     "--no-dqc": DQC_FLAGS,
     "--import-bounds": CALIBRATION_FLAGS,
 }
+
+
+def ignored_by_values(args) -> dict[str, str]:
+    """The flags that the values of others make meaningless, each with the reason."""
+    rules = {
+        "--dobi-strategy": (args.method != "dobi", f"--method {args.method}"),
+        "--percentile": ("percentile" not in (args.method, *args.compare.split(",")),
+                         f"--method {args.method} and no percentile in --compare"),
+        "--calib-patches": (bool(args.calib) and Path(args.calib).is_file(), "a --calib file (only folders are "
+                            "sampled)"),
+        "--feature-weight": (args.loss != "paper", f"--loss {args.loss}"),
+    }
+    return {flag: reason for flag, (ignored, reason) in rules.items() if ignored}
 
 
 def parse_args():
@@ -78,6 +92,9 @@ def parse_args():
     for flag, ignored in IGNORED_WITH.items():
         if flag in given and given & ignored:
             p.error(f"with {flag}, {' '.join(sorted(given & ignored))} would be ignored; drop them")
+    for flag, reason in ignored_by_values(args).items():
+        if flag in given:
+            p.error(f"with {reason}, {flag} would be ignored; drop it")
     return args
 
 
@@ -113,7 +130,7 @@ def main():
     try:
         results = quantize_run(run, run_dir, root, resume=bool(args.resume))
     except KeyboardInterrupt as stopped:
-        sys.exit(interrupted(stopped, f"python scripts/quantize.py --resume {run_dir}"))
+        sys.exit(interrupted_run(stopped, run_dir, CONFIG_FILE, "scripts/quantize.py"))
     print(results_table(results["results"], run.datasets))
     if results["dqc"]:
         print(f"DQC bounds kept from step {results['dqc']['best_step']} (best Set5 PSNR during validation)")

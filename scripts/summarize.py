@@ -17,15 +17,26 @@ def run_row(run_dir: Path, dataset: str) -> tuple[str, dict[str, dict], object]:
     """(row name, {stage: `dataset` scores}, DQC step kept) of one finished quantize run."""
     results = read_run_json(run_dir, RESULTS_FILE, "finished quantize run")
     path = run_dir / RESULTS_FILE
-    config, stages = results.get("config"), results.get("results")
-    if not (isinstance(stages, dict) and isinstance(config, dict) and {"scale", "bits"} <= config.keys()):
-        raise ValueError(f"{path}: not a quantize run's results (no 'results', or no 'config' with scale and bits)")
+    config, stages, dqc = results.get("config"), results.get("results"), results.get("dqc") or {}
+    if not (isinstance(stages, dict) and all(isinstance(r, dict) for r in stages.values())
+            and isinstance(config, dict) and {"scale", "bits"} <= config.keys() and isinstance(dqc, dict)):
+        raise ValueError(f"{path}: not a quantize run's results (needs 'results' by stage and dataset, 'config' "
+                         "with scale and bits, and 'dqc' an object or null)")
     scores = {name: r[dataset] for name, r in stages.items() if dataset in r}
     if not scores:
         found = sorted({name for r in stages.values() for name in r})
         raise ValueError(f"{path}: no {dataset} results (has {', '.join(found) or 'none'})")
-    dqc = results.get("dqc") or {}
+    for name, score in scores.items():
+        if not is_score(score):
+            raise ValueError(f"{path}: {name} {dataset} is not a numeric psnr and ssim: {score!r:.80}")
     return f"x{config['scale']} W{config['bits']}A{config['bits']}", scores, dqc.get("best_step", "-")
+
+
+def is_score(value: object) -> bool:
+    """A {"psnr": number, "ssim": number, ...} cell (JSON true / false are not numbers)."""
+    return isinstance(value, dict) and all(
+        isinstance(value.get(key), (int, float)) and not isinstance(value.get(key), bool) for key in ("psnr", "ssim")
+    )
 
 
 @main_guard

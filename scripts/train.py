@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from jaxquant.cli import interrupted, main_guard
+from jaxquant.cli import main_guard
 from jaxquant.data import resolve_data_root
-from jaxquant.train import TrainConfig, load_config, preset, train
+from jaxquant.runs import interrupted_run
+from jaxquant.train import CONFIG_FILE, TrainConfig, load_config, preset, train
 
 # flags named after TrainConfig fields; with --resume none may be given (the run dir holds the config)
 CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "warmup", "bf16", "remat", "val_every", "ckpt_every", "init", "seed",
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
     try:
         results = train(cfg, run_dir, resume=bool(args.resume))
     except KeyboardInterrupt as stopped:
-        sys.exit(interrupted(stopped, f"python scripts/train.py --resume {run_dir}"))
+        sys.exit(interrupted_run(stopped, run_dir, CONFIG_FILE, "scripts/train.py"))
     psnr = results["set5_psnr_y"]
     print(f"done: {run_dir / 'model'}" + ("" if psnr is None else f", Set5 PSNR-Y {psnr:.2f} dB"))
 

@@ -190,6 +190,26 @@ def test_read_image_bad_files_raise_value_error_with_path(tmp_path):
         assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_read_image_refuses_pixels_without_an_8_or_16_bit_range(tmp_path):
+    # PIL reads a float TIFF in [0, 1] as black and clips 32-bit integers: both would still get a score.
+    Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.array([[0, 70000]], np.int32)).save(tmp_path / "int32.tif")
+    for name, reason in [("float.tif", "32-bit float pixels"), ("int32.tif", "32-bit integer pixels beyond")]:
+        with pytest.raises(ValueError, match=f"cannot read image {tmp_path / name}: {reason}"):
+            read_image(tmp_path / name)
+    Image.fromarray(np.array([[0, 65535]], np.int32)).save(tmp_path / "int32_in_range.tif")
+    assert Image.open(tmp_path / "int32_in_range.tif").mode == "I"
+    np.testing.assert_array_equal(read_image(tmp_path / "int32_in_range.tif")[..., 0], [[0, 255]])
+
+
+@pytest.mark.parametrize("side", [7, 9])  # 49 pixels: PIL warns (over the limit); 81: it raises (over twice it)
+def test_read_image_refuses_a_decompression_bomb(side, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+    write_image(tmp_path / "bomb.png", np.zeros((side, side, 3), np.uint8))
+    with pytest.raises(ValueError, match=f"cannot read image {tmp_path / 'bomb.png'}: .*decompression bomb"):
+        read_image(tmp_path / "bomb.png")
+
+
 def test_write_image_round_trips_uint8_and_float(tmp_path):
     rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     write_image(tmp_path / "nested" / "dir" / "rgb.png", rgb)
@@ -209,6 +229,8 @@ def test_list_images_sorted_and_filtered(tmp_path):
         list_images(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_images(tmp_path / "absent")
+    with pytest.raises(NotADirectoryError, match=f"image folder {tmp_path / 'b.png'} is a file, not a folder"):
+        list_images(tmp_path / "b.png")
 
 
 def test_data_root_resolution(tmp_path, monkeypatch):
@@ -292,14 +314,34 @@ def test_load_benchmark_accepts_an_lr_side_of_one_window(tmp_path):
 
 def test_check_output_path(tmp_path):
     (tmp_path / "file").write_text("")
-    check_output_path(tmp_path / "file")  # overwritten, as a file should be
+    (tmp_path / "empty").mkdir()
     check_output_path(tmp_path / "new" / "deeper" / "out.json")
-    check_output_path(tmp_path, folder=True)
+    check_output_path(tmp_path / "empty", folder=True)
     check_output_path(tmp_path / "new" / "images", folder=True)
-    with pytest.raises(FileExistsError, match=f"{tmp_path} is a folder, not a file"):
-        check_output_path(tmp_path)
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'empty'} is a folder, not a file"):
+        check_output_path(tmp_path / "empty")
     with pytest.raises(FileExistsError, match="file is a file, not a folder"):
         check_output_path(tmp_path / "file", folder=True)
     for folder in (False, True):
         with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'file'} is a file, not a folder"):
             check_output_path(tmp_path / "file" / "below" / "out", folder=folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]  # the checks created nothing
+
+
+def test_check_output_path_refuses_to_overwrite(tmp_path):
+    # An existing file, or a folder with anything in it, is kept: a second run must not replace the first's.
+    (tmp_path / "results.json").write_text("kept")
+    with pytest.raises(FileExistsError, match=f"{tmp_path / 'results.json'} exists; choose another path or remove it"):
+        check_output_path(tmp_path / "results.json")
+    with pytest.raises(FileExistsError, match=f"{tmp_path} exists; choose another path or remove it"):
+        check_output_path(tmp_path, folder=True)
+    assert (tmp_path / "results.json").read_text() == "kept"
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs")
+def test_check_output_path_tries_a_write(tmp_path):
+    # Root passes os.access in sysfs, where no file can be created: only trying to create one finds out.
+    with pytest.raises(PermissionError, match="cannot write /sys/kernel/results.json: no file can be created in /sys"):
+        check_output_path("/sys/kernel/results.json")
+    check_output_path(tmp_path / "results.json")
+    assert not any(tmp_path.iterdir())  # the probe removed its file

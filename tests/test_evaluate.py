@@ -78,21 +78,27 @@ def test_a_bad_dataset_fails_before_any_is_evaluated(case, message, small_root, 
     assert not (tmp_path / "sr").exists()  # Small was not evaluated first
 
 
-@pytest.mark.parametrize("case", ["out is a folder", "out under a file", "images dir is a file", "out is images dir"])
+@pytest.mark.parametrize("case", ["out is a folder", "out under a file", "images dir is a file", "out is images dir",
+                                  "out exists", "images dir is not empty", "out is a dataset's images dir"])
 def test_unwritable_outputs_fail_before_evaluating(case, small_root, tmp_path):
     (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "kept.png").write_text("")
     (tmp_path / "file").write_text("kept\n")
     out, images = {
         "out is a folder": (tmp_path / "folder", tmp_path / "sr"),
         "out under a file": (tmp_path / "file" / "results.json", tmp_path / "sr"),
         "images dir is a file": (tmp_path / "results.json", tmp_path / "file"),
         "out is images dir": (tmp_path / "sr", tmp_path / "sr"),
+        "out exists": (tmp_path / "file", tmp_path / "sr"),
+        "images dir is not empty": (tmp_path / "results.json", tmp_path / "folder"),
+        "out is a dataset's images dir": (tmp_path / "sr" / "Small", tmp_path / "sr"),
     }[case]
     result = evaluate_x2("--data-root", str(small_root), "--datasets", "Small", "--out", str(out),
                          "--save-images", str(images))
     assert_one_line_error(result, str(out if case.startswith("out") else images))
     assert result.stdout == ""  # refused before the model was even loaded
     assert not (tmp_path / "sr").exists() and (tmp_path / "file").read_text() == "kept\n"
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["kept.png"]
 
 
 # --------------------------------------------------------------------------- summarize.py
@@ -117,6 +123,10 @@ def test_summarize_tabulates_runs(tmp_path):
     assert (tmp_path / "table.md").read_text() == result.stdout
 
 
+def scores_of(cell):
+    return {"config": {"scale": 2, "bits": 4}, "results": {"FP": {"Set14": cell}}}
+
+
 @pytest.mark.parametrize("results, message", [
     pytest.param(None, "run is not a finished quantize run (no results.json)", id="no results"),
     pytest.param("{oops", "run/results.json: not valid JSON", id="malformed"),
@@ -124,6 +134,14 @@ def test_summarize_tabulates_runs(tmp_path):
     pytest.param({"set5_psnr_y": 30.0, "config": {"scale": 2}}, "run/results.json: not a quantize run's results",
                  id="training run"),
     pytest.param(quantize_results(4, 30.0), "run/results.json: no Set14 results (has Set5)", id="no Set14"),
+    pytest.param(scores_of(5), "run/results.json: FP Set14 is not a numeric psnr and ssim: 5", id="a number"),
+    pytest.param(scores_of({"psnr": "30", "ssim": 0.9}), "run/results.json: FP Set14 is not a numeric psnr",
+                 id="a string psnr"),
+    pytest.param(scores_of({"psnr": 30.0}), "run/results.json: FP Set14 is not a numeric psnr", id="no ssim"),
+    pytest.param(scores_of({"psnr": 30.0, "ssim": 0.9}) | {"results": {"FP": [1]}},
+                 "run/results.json: not a quantize run's results", id="a list of scores"),
+    pytest.param(scores_of({"psnr": 30.0, "ssim": 0.9}) | {"dqc": [1]},
+                 "run/results.json: not a quantize run's results", id="a list as dqc"),
 ])
 def test_summarize_refuses_what_is_not_a_finished_quantize_run(results, message, tmp_path):
     run_dir = tmp_path / "run"
@@ -136,3 +154,11 @@ def test_summarize_refuses_a_folder_as_out(tmp_path):
     run_dir = write_run(tmp_path / "run", quantize_results(4, 30.0))
     result = run_script("scripts/summarize.py", str(run_dir), "--out", str(tmp_path))
     assert_one_line_error(result, f"{tmp_path} is a folder, not a file")
+
+
+def test_summarize_refuses_to_overwrite_a_file(tmp_path):
+    run_dir = write_run(tmp_path / "run", quantize_results(4, 30.0))
+    before = (run_dir / "results.json").read_text()
+    result = run_script("scripts/summarize.py", str(run_dir), "--out", str(run_dir / "results.json"))
+    assert_one_line_error(result, f"{run_dir / 'results.json'} exists; choose another path or remove it")
+    assert (run_dir / "results.json").read_text() == before

@@ -101,6 +101,13 @@ def test_small_images_dropped_with_warning_and_none_left_is_an_error():
         sample_patches(pool, jax.random.PRNGKey(0), 2, 9)
 
 
+def test_a_folder_without_large_enough_images_is_named(tmp_path):
+    write_image(tmp_path / "small.png", np.zeros((40, 40, 3), np.uint8))  # LR 20x20 at x2
+    with pytest.raises(ValueError, match=f"^{tmp_path}: no image has an LR side of at least 32 pixels"), \
+            pytest.warns(UserWarning, match=f"^{tmp_path}: dropped 1 of 1 images"):
+        lr_pool_from_folder(tmp_path, 2, min_size=32)
+
+
 def test_mismatched_hr_is_an_error():
     lr, hr = _pairs([(12, 10)])
     with pytest.raises(ValueError, match="not 3 x LR shape"):

@@ -1,8 +1,12 @@
 """The quantization pipeline: calibration sources, exact DQC resume, and the CLI end to end."""
 
 import dataclasses
+import io
 import json
 import re
+import runpy
+import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -15,10 +19,11 @@ from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
 from jaxquant import pipeline
-from jaxquant.pipeline import QuantizeConfig, load_calibration, quantize_run, read_bounds_json, run_dqc
+from jaxquant.patches import PatchPool
+from jaxquant.pipeline import QuantizeConfig, dqc_pool, load_calibration, quantize_run, read_bounds_json, run_dqc
 from jaxquant.quant import QuantRules, flat_bounds, init_bounds, list_sites, official_name
 from jaxquant.swinir import swinir_light
-from test_convert import assert_one_line_error, run_script
+from test_convert import REPO, assert_one_line_error, run_script
 from weights_convert.torch_pickle import save_pth
 
 
@@ -50,12 +55,52 @@ def test_calibration_folder_is_sampled_reproducibly():
     assert not np.array_equal(np.asarray(first), np.asarray(load_calibration(folder, 4, 32, seed=1)))
 
 
-@pytest.mark.parametrize("array", [np.zeros((3, 16, 16)), np.full((1, 3, 8, 8), 2.0), np.zeros((1, 1, 8, 8)),
-                                   np.zeros((0, 3, 16, 16)), np.zeros((2, 3, 4, 4))])  # no image; under the window
+@pytest.mark.parametrize("array", [np.zeros((3, 16, 16)), np.zeros((1, 1, 8, 8)), np.zeros((0, 3, 16, 16)),
+                                   np.zeros((2, 3, 4, 4))])  # no image; under the window
 def test_bad_calibration_arrays_are_refused(tmp_path, array):
     np.save(tmp_path / "bad.npy", array.astype(np.float32))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\) in \[0, 1\]"):
         load_calibration(tmp_path / "bad.npy", 32, 64, 0)
+
+
+@pytest.mark.parametrize("value, message", [(2.0, "must be in [0, 1], found values from 0 to 2"),
+                                            (-0.5, "must be in [0, 1], found values from -0.5 to 0"),
+                                            (np.nan, "hold NaN or infinite values"),
+                                            (np.inf, "hold NaN or infinite values")])
+def test_calibration_values_outside_the_unit_range_are_named(tmp_path, value, message):
+    array = np.zeros((1, 3, 8, 8), np.float32)
+    array[0, 1, 2, 3] = value
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_calibration(tmp_path / "bad.npy", 32, 64, 0)
+
+
+def _npy_header(shape: tuple, descr: str = "<f4") -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
+def test_calibration_files_are_checked_before_numpy_reads_them(tmp_path):
+    """A header promising more than the file holds would first allocate it (here 101 GiB, a MemoryError);
+    bytes that are no .npy made numpy suggest unpickling them; complex and boolean arrays loaded as numbers."""
+    (tmp_path / "huge.npy").write_bytes(_npy_header((100000, 3, 300, 300)) + bytes(4096))
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as archive:
+        archive.writestr("lq.npy", _npy_header((100000, 3, 300, 300)) + bytes(4096))
+    (tmp_path / "random.npy").write_bytes(np.random.default_rng(0).bytes(4096))
+    np.save(tmp_path / "complex.npy", np.full((1, 3, 8, 8), 0.5 + 0.5j, np.complex64))
+    np.save(tmp_path / "bool.npy", np.ones((1, 3, 8, 8), bool))
+    save_pth(tmp_path / "bool.pth", {"lq": np.ones((1, 3, 8, 8), bool)})
+    cases = {"huge.npy": "array of 108,000,000,000 bytes, but the file holds 4,096",
+             "huge.npz": "array of 108,000,000,000 bytes, but the file holds 4,096",
+             "random.npy": "not a valid .npy array of real numbers (no numpy header)",
+             "complex.npy": "not a valid .npy array of real numbers (complex64 values)",
+             "bool.npy": "not a valid .npy array of real numbers (bool values)",
+             "bool.pth": "calibration images must be real numbers, got bool"}
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}: ")) as error:
+            load_calibration(tmp_path / name, 32, 64, 0)
+        assert message in str(error.value) and "allow_pickle" not in str(error.value), name
 
 
 def test_unreadable_calibration_files_are_named(tmp_path):
@@ -67,21 +112,22 @@ def test_unreadable_calibration_files_are_named(tmp_path):
             load_calibration(tmp_path / name, 32, 64, 0)
 
 
-def _tiny_dqc(tiny_train_dir) -> tuple[dict, QuantizeConfig]:
-    """Start bounds and a 4-step x4 W2 DQC run (batch 2, 16x16) validated and checkpointed every 2 steps."""
+def _tiny_dqc(tiny_train_dir) -> tuple[dict, QuantizeConfig, PatchPool]:
+    """Start bounds, a 4-step x4 W2 DQC run (batch 2, 16x16) validated and checkpointed every 2 steps, its pool."""
     # remat=False: the same bounds (tests/test_dqc.py), 3x quicker to compile at batch 2
     dqc = DQCConfig(steps=4, batch=2, patch=16, remat=False)
     run = QuantizeConfig(bits=2, scale=4, dqc=dqc, train_dir=str(tiny_train_dir), validate_every=2, checkpoint_every=2)
-    return init_bounds(swinir_light(4), QuantRules.uniform(2), fill=(-1.5, 1.5)), run
+    run = run.with_paths(DATA_ROOT)
+    return init_bounds(swinir_light(4), QuantRules.uniform(2), fill=(-1.5, 1.5)), run, dqc_pool(run)
 
 
 def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root, monkeypatch):
     model = t291_model(4)
-    start, run = _tiny_dqc(tiny_train_dir)
-    straight, log = run_dqc(model, start, run, data_root, tmp_path / "straight")
-    _, stopped = run_dqc(model, start, run, data_root, tmp_path / "killed", stop_after=3)
+    start, run, pool = _tiny_dqc(tiny_train_dir)
+    straight, log = run_dqc(model, start, run, pool, tmp_path / "straight")
+    _, stopped = run_dqc(model, start, run, pool, tmp_path / "killed", stop_after=3)
     assert not stopped["completed"]
-    resumed, resumed_log = run_dqc(model, start, run, data_root, tmp_path / "killed")
+    resumed, resumed_log = run_dqc(model, start, run, pool, tmp_path / "killed")
     assert resumed_log["completed"] and log["completed"]
     assert resumed_log["validation"] == log["validation"]
     for path, b in flat_bounds(straight).items():
@@ -93,9 +139,9 @@ def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root
     with monkeypatch.context() as patch:
         ctrl_c_on_call(patch, pipeline, "sample_patches", call=3)
         with pytest.raises(KeyboardInterrupt, match="DQC checkpointed at step 3"):
-            run_dqc(model, start, run, data_root, tmp_path / "ctrl-c")
+            run_dqc(model, start, run, pool, tmp_path / "ctrl-c")
     assert sorted(int(p.name) for p in (tmp_path / "ctrl-c" / "checkpoints").iterdir()) == [2, 3]
-    resumed, resumed_log = run_dqc(model, start, run, data_root, tmp_path / "ctrl-c")
+    resumed, resumed_log = run_dqc(model, start, run, pool, tmp_path / "ctrl-c")
     assert resumed_log["validation"] == log["validation"]
     for path, b in flat_bounds(straight).items():
         np.testing.assert_array_equal(np.asarray(flat_bounds(resumed)[path].lu), np.asarray(b.lu), err_msg=path)
@@ -106,11 +152,11 @@ def test_dqc_keeps_the_best_validated_bounds(tmp_path, t291_model, tiny_train_di
     """Selection in float64: the two PSNRs are 3.5e-7 dB apart, less than float32 resolves there, and a
     float32 best once kept the lower, later one. On a tie the later step wins, as in BasicSR."""
     model = t291_model(4)
-    start, run = _tiny_dqc(tiny_train_dir)
+    start, run, pool = _tiny_dqc(tiny_train_dir)
     at = {}
     for stop in (kept, None):
         monkeypatch.setattr(pipeline, "_validation_psnr", lambda *_, scripted=iter(psnrs): next(scripted))
-        at[stop] = run_dqc(model, start, run, data_root, tmp_path / str(stop), stop_after=stop)
+        at[stop] = run_dqc(model, start, run, pool, tmp_path / str(stop), stop_after=stop)
     (best, log), (bounds_at_kept, _) = at[None], at[kept]
     assert (log["best_step"], log["best_set5_psnr"]) == (kept, psnrs[kept // 2 - 1])
     for path, b in flat_bounds(bounds_at_kept).items():
@@ -152,6 +198,70 @@ def test_a_bad_benchmark_image_fails_before_calibration(tmp_path, data_root):
     with pytest.raises(ValueError, match="dot.png is 3x3, too small for x2"):
         quantize_run(run, tmp_path / "run", root)
     assert not (tmp_path / "run").exists()  # refused before the run dir was claimed, not after calibration
+
+
+def _calib_npy(path: Path) -> str:
+    """One 8x8 calibration image, the smallest a run takes."""
+    np.save(path, np.full((1, 3, 8, 8), 0.5, np.float32))
+    return str(path)
+
+
+@pytest.mark.filterwarnings("ignore:.*dropped 1 of 1 images")
+def test_bad_calibration_or_training_images_fail_before_the_run_dir_is_claimed(tmp_path, data_root):
+    np.save(tmp_path / "flat.npy", np.zeros((3, 16, 16), np.float32))
+    write_image(tmp_path / "small" / "a.png", np.zeros((64, 64, 3), np.uint8))  # LR 16x16 at x4, under the patch
+    minmax = QuantizeConfig(bits=4, method="minmax", compare=(), calib=_calib_npy(tmp_path / "calib.npy"))
+    dqc = DQCConfig(steps=2, batch=2, patch=32)
+    runs = {"flat.npy: expected calibration images shaped (N, 3, H, W)":
+                dataclasses.replace(minmax, dqc=None, calib=str(tmp_path / "flat.npy")),
+            f"{tmp_path / 'small'}: no image has an LR side of at least 32 pixels":
+                dataclasses.replace(minmax, dqc=dqc, train_dir=str(tmp_path / "small"))}
+    for message, run in runs.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quantize_run(run, tmp_path / "run", data_root)
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_under_a_file_is_refused_first(tmp_path, data_root):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'afile'} is a file, not a folder")):
+        quantize_run(QuantizeConfig(dqc=None), tmp_path / "afile" / "run", data_root)
+
+
+class _Stop(Exception):
+    """Ends a run where a test has seen what it needs."""
+
+
+def _stop(*_, **__):
+    raise _Stop
+
+
+def _ctrl_c(*_, **__):
+    raise KeyboardInterrupt
+
+
+def test_a_resume_reads_the_benchmarks_it_started_with(tmp_path, data_root, monkeypatch):
+    """Whatever data root it is given; a run config from before the data root was recorded takes the one given."""
+    root = tmp_path / "root"  # a benchmark the default data root lacks
+    write_image(root / "benchmark" / "Tiny" / "HR" / "a.png", np.zeros((32, 32, 3), np.uint8))
+    run = QuantizeConfig(bits=4, dqc=None, method="minmax", compare=(), datasets=("Tiny",),
+                         model=str(data_root / "weights" / "swinir_light_x4_t291.pth"),
+                         calib=_calib_npy(tmp_path / "calib.npy")).with_paths(root)
+    assert run.data_root == str(root.resolve())
+    monkeypatch.setattr(pipeline, "init_bounds", _stop)  # called first once the run dir is claimed
+    unrecorded = {k: v for k, v in run.to_dict().items() if k != "data_root"}
+    for saved, given in ((run.to_dict(), data_root), (unrecorded, root)):
+        run_dir = tmp_path / str(len(saved))
+        _write(run_dir / "run_config.json", saved)
+        with pytest.raises(_Stop):
+            quantize_run(QuantizeConfig.load(run_dir), run_dir, given, resume=True)
+
+
+def test_a_damaged_validation_log_is_named(tmp_path, t291_model, tiny_train_dir, data_root):
+    start, run, pool = _tiny_dqc(tiny_train_dir)
+    (tmp_path / "validation.json").write_text("[\n")  # as a kill during its write once left it
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'validation.json'}: not valid JSON")):
+        run_dqc(t291_model(4), start, run, pool, tmp_path)
 
 
 def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
@@ -232,8 +342,50 @@ def test_imported_bounds_are_checked(tmp_path, t291_model):
 
 
 def _write(path: Path, value) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value))
     return path
+
+
+def quantize_cli(monkeypatch, *args: str):
+    """`scripts/quantize.py args` in this process (so that the library can be patched): what main returns."""
+    monkeypatch.setattr(sys, "argv", ["scripts/quantize.py", *args])
+    return runpy.run_path(str(REPO / "scripts" / "quantize.py"))["main"]()
+
+
+def test_ctrl_c_suggests_a_resume_only_once_the_run_dir_is_claimed(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = ("--bits", "4", "--no-dqc", "--method", "minmax", "--compare", "", "--calib",
+            _calib_npy(tmp_path / "calib.npy"), "--run-dir", str(run_dir))
+    resume = f"interrupted; continue with: python scripts/quantize.py --resume {run_dir}"
+    for step, message in (("load_model", "interrupted"),  # nothing to resume, and the same command starts afresh
+                          ("init_bounds", resume)):
+        with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+            patch.setattr(pipeline, step, _ctrl_c)
+            quantize_cli(patch, *args)
+        assert stopped.value.code == message
+
+
+@pytest.mark.parametrize("args, refused", [
+    ("--method minmax --dobi-strategy paper", "with --method minmax, --dobi-strategy would be ignored"),
+    ("--percentile 99", "with --method dobi and no percentile in --compare, --percentile would be ignored"),
+    ("--calib {calib}.npy --calib-patches 2", "with a --calib file (only folders are sampled), --calib-patches would"),
+    ("--feature-weight 2", "with --loss official, --feature-weight would be ignored"),
+    ("--dobi-strategy paper --percentile 99 --compare minmax,percentile", None),
+    ("--method percentile --percentile 99 --calib {calib} --calib-patches 2 --loss paper --feature-weight 2",
+     None),
+])
+def test_quantize_cli_refuses_flags_that_other_values_make_meaningless(tmp_path, monkeypatch, capsys, args, refused):
+    (tmp_path / "calib").mkdir()
+    _calib_npy(tmp_path / "calib.npy")
+    monkeypatch.setattr(sys, "argv", ["quantize.py", *args.format(calib=tmp_path / "calib").split()])
+    parse_args = runpy.run_path(str(REPO / "scripts" / "quantize.py"))["parse_args"]
+    if refused is None:
+        parse_args()
+        return
+    with pytest.raises(SystemExit):
+        parse_args()
+    assert refused in capsys.readouterr().err
 
 
 def test_quantize_cli_bad_flags_are_one_line(tmp_path):
@@ -243,7 +395,8 @@ def test_quantize_cli_bad_flags_are_one_line(tmp_path):
     result = run_script("scripts/quantize.py", "--no-dqc", "--datasets", "Manga109", "--run-dir", str(tmp_path / "r"))
     assert_one_line_error(result, "Manga109")
     assert_one_line_error(run_script("scripts/quantize.py", "--steps", "0"), "DQC steps must be at least 1, got 0")
-    assert_one_line_error(run_script("scripts/quantize.py", "--percentile", "nan"), "percentile must be in (0, 100]")
+    assert_one_line_error(run_script("scripts/quantize.py", "--method", "percentile", "--percentile", "nan"),
+                          "percentile must be in (0, 100]")
     ignored = run_script("scripts/quantize.py", "--no-dqc", "--steps", "5")
     assert ignored.returncode == 2 and "with --no-dqc, --steps would be ignored" in ignored.stderr
     ignored = run_script("scripts/quantize.py", "--no-dqc", "--no-scan")

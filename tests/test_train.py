@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import runpy
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from conftest import ctrl_c_on_call
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.data import write_image
 from jaxquant.patches import lr_pool_from_folder, sample_patches
-from jaxquant.runs import RunCheckpointer
+from jaxquant.runs import RunCheckpointer, write_atomically
 from jaxquant.swinir import SwinIR, SwinIRConfig
 from jaxquant.train import TrainConfig, init_params, init_state, l1_loss, train, train_step, transfer_params
 
@@ -180,6 +183,19 @@ def test_run_dir_guards(tiny_root, tmp_path):
     with pytest.raises(FileNotFoundError):  # inputs load before the run dir is claimed
         train(dataclasses.replace(cfg, train_dir=str(tmp_path / "nowhere")), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'afile'} is a file, not a folder")):
+        train(cfg, tmp_path / "afile" / "run")
+
+
+def test_a_killed_write_leaves_the_old_file(tmp_path, monkeypatch):
+    """Run files a resume reads back (configs, validation logs, results) are replaced whole or not at all."""
+    path = tmp_path / "validation.json"
+    write_atomically(path, "[1]")
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(os, "replace", lambda *_: os.kill(os.getpid(), signal.SIGINT))  # killed as it renames
+        write_atomically(path, "[1, 2]")
+    assert path.read_text() == "[1]" and [p.name for p in tmp_path.iterdir()] == ["validation.json"]
 
 
 def test_init_x4_from_x2_keeps_body_and_reinitialises_upsampler(tiny_root, tmp_path):
@@ -242,6 +258,13 @@ def test_script_errors_are_one_line(tiny_root, argv, message):
     with pytest.raises(SystemExit) as info:
         train_cli([a.format(root=tiny_root) for a in argv])
     assert str(info.value).startswith(message.format(root=tiny_root)) and "\n" not in str(info.value)
+
+
+def test_ctrl_c_before_the_run_dir_is_claimed_suggests_no_resume(tiny_root, tmp_path, monkeypatch):
+    ctrl_c_on_call(monkeypatch, sys.modules["jaxquant.train"], "lr_pool_from_folder", call=1)  # as the images load
+    with pytest.raises(SystemExit) as stopped:
+        train_cli(["--data-root", str(tiny_root), "--train-dir", str(tiny_root / "train"), "--run-dir", str(tmp_path)])
+    assert stopped.value.code == "interrupted"  # nothing to resume, and the same command starts afresh
 
 
 def test_script_resume_rejects_config_flags(tiny_root, capsys):
