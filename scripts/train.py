@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from jaxquant.cli import main_guard
-from jaxquant.data import resolve_data_root
+from jaxquant.data import list_images, resolve_data_root
 from jaxquant.runs import interrupted_run
 from jaxquant.train import CONFIG_FILE, TrainConfig, load_config, preset, train
 
@@ -56,8 +56,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     data_root = resolve_data_root(args.data_root)
     overrides = {flag: getattr(args, flag) for flag in CONFIG_FLAGS if getattr(args, flag) is not None}
     train_dir = Path(args.train_dir) if args.train_dir else data_root / "train" / "t291"
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"training image folder {train_dir} does not exist")
+    list_images(train_dir)  # a missing folder, a file or one without images: one line, before any work
     if args.init and not Path(args.init).exists():
         raise FileNotFoundError(f"--init {args.init} does not exist")
     overrides |= {"data_root": str(data_root.resolve()), "train_dir": str(train_dir.resolve())}

@@ -250,7 +250,9 @@ def train_cli(argv: list[str]) -> None:
     [
         (["--steps", "0", "--data-root", "{root}", "--train-dir", "{root}/train"], "error: steps must be >= 1"),
         (["--data-root", "{root}/missing"], "error: data root {root}/missing does not exist"),
-        (["--train-dir", "{root}/nope", "--data-root", "{root}"], "error: training image folder {root}/nope"),
+        (["--train-dir", "{root}/nope", "--data-root", "{root}"], "error: image folder {root}/nope does not exist"),
+        (["--train-dir", "{root}/train/0.png", "--data-root", "{root}"],
+         "error: image folder {root}/train/0.png is a file, not a folder"),
         (["--resume", "{root}/train"], "error: {root}/train is not a training run"),
     ],
 )
