@@ -38,6 +38,17 @@ def ctrl_c_on_call(monkeypatch, module, name: str, call: int) -> None:
     monkeypatch.setattr(module, name, interrupting)
 
 
+@pytest.fixture
+def default_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for a test that relies on it, restored after: a test
+    before it in the same pytest-xdist worker once left another (seen only in a fresh virtual environment)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a signal handler can only be installed on the main thread")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"missing {path}")

@@ -188,7 +188,7 @@ def test_run_dir_guards(tiny_root, tmp_path):
         train(cfg, tmp_path / "afile" / "run")
 
 
-def test_a_killed_write_leaves_the_old_file(tmp_path, monkeypatch):
+def test_a_killed_write_leaves_the_old_file(tmp_path, monkeypatch, default_sigint):
     """Run files a resume reads back (configs, validation logs, results) are replaced whole or not at all."""
     path = tmp_path / "validation.json"
     write_atomically(path, "[1]")
@@ -262,7 +262,7 @@ def test_script_errors_are_one_line(tiny_root, argv, message):
     assert str(info.value).startswith(message.format(root=tiny_root)) and "\n" not in str(info.value)
 
 
-def test_ctrl_c_before_the_run_dir_is_claimed_suggests_no_resume(tiny_root, tmp_path, monkeypatch):
+def test_ctrl_c_before_the_run_dir_is_claimed_suggests_no_resume(tiny_root, tmp_path, monkeypatch, default_sigint):
     ctrl_c_on_call(monkeypatch, sys.modules["jaxquant.train"], "lr_pool_from_folder", call=1)  # as the images load
     with pytest.raises(SystemExit) as stopped:
         train_cli(["--data-root", str(tiny_root), "--train-dir", str(tiny_root / "train"), "--run-dir", str(tmp_path)])
