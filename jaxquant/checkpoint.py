@@ -55,6 +55,14 @@ def _bounds_from_arrays(lu: Mapping, bits: Any) -> dict:
     for path, width in bits.items():
         if type(width) is not int or width not in BIT_WIDTHS:  # exactly int: not True, not 4.0
             raise ValueError(f"bit width {width!r} of {path}: expected an integer {BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}")
+    for path, lu in flat.items():
+        # NaN or infinite bounds would turn every output NaN without a word. Crossed ones load as saved (DQC
+        # could, in principle, write them; the traced quantizer keeps its step positive).
+        lu = np.asarray(lu)
+        if lu.shape != (2,) or lu.dtype.kind != "f":
+            raise ValueError(f"bounds of {path} are a {lu.shape} {lu.dtype} array, not a float [lower, upper]")
+        if not np.all(np.isfinite(lu)):
+            raise ValueError(f"bounds of {path} are not finite: {lu.tolist()}")
     return nest_bounds({p: Bounds(jax.numpy.asarray(v), bits[p]) for p, v in flat.items()})
 
 

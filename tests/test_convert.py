@@ -14,7 +14,7 @@ import pytest
 
 from conftest import DATA_ROOT, require
 from jaxquant.checkpoint import Model, load_model, save_model
-from jaxquant.quant import QuantRules, init_bounds
+from jaxquant.quant import Bounds, QuantRules, flat_bounds, init_bounds, nest_bounds
 from jaxquant.runs import RunCheckpointer
 from weights_convert.swinir import ConversionError, flax_to_torch, infer_config, torch_to_flax, unwrap_state_dict
 from weights_convert.torch_pickle import load_pth, save_pth
@@ -323,6 +323,20 @@ def test_an_edited_model_checkpoint_names_itself_and_the_fault(tmp_path, quantiz
     item, edit, message = EDITED[case]
     checkpoint = shutil.copytree(quantized_checkpoint, tmp_path / "q")
     _edit_json_item(checkpoint, item, edit)
+    with pytest.raises(ValueError, match=re.escape(f"{checkpoint.resolve()} is a damaged checkpoint: {message}")):
+        load_model(checkpoint)
+
+
+@pytest.mark.parametrize("lu, message", [
+    ([np.nan, 1.0], f"bounds of {SITE} are not finite: [nan, 1.0]"),
+    ([-np.inf, 1.0], f"bounds of {SITE} are not finite: [-inf, 1.0]"),
+    ([0.0, 1.0, 2.0], f"bounds of {SITE} are a (3,) float32 array, not a float [lower, upper]"),
+])
+def test_a_model_saved_with_unusable_bounds_is_refused_on_load(tmp_path, lu, message):
+    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
+    flat = flat_bounds(init_bounds(model.config, QuantRules.uniform(4)))
+    flat[SITE] = Bounds(np.asarray(lu, np.float32), 4)
+    checkpoint = save_model(tmp_path / "q", model._replace(bounds=nest_bounds(flat)))
     with pytest.raises(ValueError, match=re.escape(f"{checkpoint.resolve()} is a damaged checkpoint: {message}")):
         load_model(checkpoint)
 
