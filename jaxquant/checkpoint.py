@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxquant.quant import Bounds, flat_bounds, nest_bounds
+from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, nest_bounds
 from jaxquant.swinir import SwinIRConfig
 
 Params = Mapping[str, Any]
@@ -58,11 +58,8 @@ def _bounds_from_arrays(lu: Mapping, bits: Any) -> dict:
     for path, lu in flat.items():
         # NaN or infinite bounds would turn every output NaN without a word. Crossed ones load as saved (DQC
         # could, in principle, write them; the traced quantizer keeps its step positive).
-        lu = np.asarray(lu)
-        if lu.shape != (2,) or lu.dtype.kind != "f":
-            raise ValueError(f"bounds of {path} are a {lu.shape} {lu.dtype} array, not a float [lower, upper]")
-        if not np.all(np.isfinite(lu)):
-            raise ValueError(f"bounds of {path} are not finite: {lu.tolist()}")
+        if check_finite_pair(lu, where=path).dtype.kind != "f":
+            raise ValueError(f"{path}: bounds of integer type {np.asarray(lu).dtype}")
     return nest_bounds({p: Bounds(jax.numpy.asarray(v), bits[p]) for p, v in flat.items()})
 
 

@@ -49,13 +49,19 @@ class Bounds:
 # The quantizer
 
 
-def check_bounds(lu, where: str = "bounds") -> None:
-    """Raise a one-line ValueError unless `lu` is a finite pair with lower < upper."""
+def check_finite_pair(lu, where: str = "bounds") -> np.ndarray:
+    """`lu` as an array; a one-line ValueError unless it is a finite [lower, upper] pair."""
     lu = np.asarray(lu)
     if lu.shape != (2,):
         raise ValueError(f"{where}: expected [lower, upper], got shape {lu.shape}")
     if not np.all(np.isfinite(lu)):
         raise ValueError(f"{where}: non-finite bounds {lu.tolist()}")
+    return lu
+
+
+def check_bounds(lu, where: str = "bounds") -> None:
+    """Raise a one-line ValueError unless `lu` is a finite pair with lower < upper."""
+    lu = check_finite_pair(lu, where)
     if not lu[0] < lu[1]:
         raise ValueError(f"{where}: upper bound {lu[1]} must exceed lower bound {lu[0]}")
 

@@ -328,14 +328,15 @@ def test_an_edited_model_checkpoint_names_itself_and_the_fault(tmp_path, quantiz
 
 
 @pytest.mark.parametrize("lu, message", [
-    ([np.nan, 1.0], f"bounds of {SITE} are not finite: [nan, 1.0]"),
-    ([-np.inf, 1.0], f"bounds of {SITE} are not finite: [-inf, 1.0]"),
-    ([0.0, 1.0, 2.0], f"bounds of {SITE} are a (3,) float32 array, not a float [lower, upper]"),
+    (np.float32([np.nan, 1.0]), f"{SITE}: non-finite bounds [nan, 1.0]"),
+    (np.float32([-np.inf, 1.0]), f"{SITE}: non-finite bounds [-inf, 1.0]"),
+    (np.float32([0.0, 1.0, 2.0]), f"{SITE}: expected [lower, upper], got shape (3,)"),
+    (np.int32([0, 1]), f"{SITE}: bounds of integer type int32"),
 ])
 def test_a_model_saved_with_unusable_bounds_is_refused_on_load(tmp_path, lu, message):
     model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
     flat = flat_bounds(init_bounds(model.config, QuantRules.uniform(4)))
-    flat[SITE] = Bounds(np.asarray(lu, np.float32), 4)
+    flat[SITE] = Bounds(lu, 4)
     checkpoint = save_model(tmp_path / "q", model._replace(bounds=nest_bounds(flat)))
     with pytest.raises(ValueError, match=re.escape(f"{checkpoint.resolve()} is a damaged checkpoint: {message}")):
         load_model(checkpoint)
