@@ -11,6 +11,7 @@ import functools
 import jax
 
 from common import report, time_compiled
+from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.dqc import DQCConfig, dqc_step, init_state
 from jaxquant.quant import QuantRules, init_bounds
 from jaxquant.swinir import SwinIR, swinir_light
@@ -28,15 +29,23 @@ def parser(runs: int = 10) -> argparse.ArgumentParser:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, help="recompute the student's activations "
                    "(default: by backend, see DQCConfig.block_execution)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="the Swin blocks as a lax.scan (default: by backend)")
+    p.add_argument("--keep-scratch", action=argparse.BooleanOptionalAction, default=True, help="keep XLA:CPU's "
+                   "scratch between calls, as the scripts do (jaxquant.cpu_memory; default: on)")
     p.add_argument("--matmul-precision", choices=("default", "tensorfloat32", "float32"), default="default",
                    help="jax_default_matmul_precision (on NVIDIA GPUs since Ampere, 'default' is TF32)")
     p.add_argument("--trace", metavar="DIR", help="write a profiler trace of 3 timed steps here")
     return p
 
 
+def dqc_config(args: argparse.Namespace) -> DQCConfig:
+    return DQCConfig(batch=args.batch, patch=args.size, remat=args.remat, scan=args.scan)
+
+
 def setup(args: argparse.Namespace):
     """`(step, step_args)`: a jitted DQC step (without donation, so every timed call gets the same state)."""
-    config, dqc = swinir_light(args.scale), DQCConfig(remat=args.remat, scan=args.scan)
+    if args.keep_scratch:
+        keep_cpu_scratch()
+    config, dqc = swinir_light(args.scale), dqc_config(args)
     images = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3))
     params = jax.jit(SwinIR(config).init)(jax.random.PRNGKey(1), images[:1])["params"]
     bounds = init_bounds(config, QuantRules.uniform(args.bits), fill=(-2.0, 2.0))
@@ -45,7 +54,7 @@ def setup(args: argparse.Namespace):
 
 
 def title(args: argparse.Namespace) -> str:
-    remat, scan = DQCConfig(remat=args.remat, scan=args.scan).block_execution()
+    remat, scan = dqc_config(args).block_execution()
     blocks = (", activations recomputed" if remat else ", activations stored") + (", scanned" if scan else ", unrolled")
     precision = "" if args.matmul_precision == "default" else f", {args.matmul_precision} matmuls"
     return f"DQC step x{args.scale}, batch {args.batch}, {args.size}x{args.size}, W{args.bits}A{args.bits}{blocks}{precision}"

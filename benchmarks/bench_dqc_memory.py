@@ -2,11 +2,12 @@
 
     python benchmarks/bench_dqc_memory.py              # x4, batch 4, 32x32, W2A2 (as bench_dqc.py)
     python benchmarks/bench_dqc_memory.py --profile 25 # also the 25 costliest ops from a jax.profiler trace
-    python benchmarks/bench_dqc_memory.py --no-remat   # activations stored instead of recomputed
+    python benchmarks/bench_dqc_memory.py --no-keep-scratch   # glibc's default: the scratch faulted in each call
 
-XLA:CPU allocates a step's scratch ("temp") buffer afresh on every call, so each page of it costs a page fault
-per step: with stored activations (1.8 GB) that was ~460k faults and ~0.8 s of system time per step; with the
-blocks recomputed (`jaxquant.swinir.run_blocks`, the CPU default) it stays near 120 MB and ~30k faults.
+XLA:CPU allocates a step's scratch ("temp") buffer afresh on every call. Unless the process keeps it
+(`jaxquant.keep_cpu_scratch`, which this script calls unless given `--no-keep-scratch`), glibc maps it afresh
+and each page of it costs a page fault per step: with stored activations (1.27 GiB) ~326k faults and ~0.5 s of
+system time per step; with the blocks recomputed (`jaxquant.swinir.run_blocks`) ~150 MB and ~37k faults.
 """
 
 import collections

@@ -10,6 +10,8 @@ from typing import Callable
 
 import jax
 
+from jaxquant.cpu_memory import cpu_scratch_kept
+
 
 def time_compiled(fn: Callable, *args, runs: int = 10, warmup: int = 2) -> dict:
     """Compile `fn` (jitted) for `args`, then time `runs` calls after `warmup`; seconds, and the minor page
@@ -43,7 +45,8 @@ def allocator() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "unknown"
-    return next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if name in maps), "system malloc")
+    name = next((name for name in ("tcmalloc", "jemalloc", "mimalloc") if name in maps), "system malloc")
+    return name + (", XLA scratch kept (jaxquant.cpu_memory)" if cpu_scratch_kept() else "")
 
 
 def peak_host_memory_gib() -> float:

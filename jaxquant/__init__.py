@@ -8,6 +8,7 @@
 """
 
 from jaxquant.checkpoint import Model, load_model, save_model
+from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import load_benchmarks
 from jaxquant.dobi import Calibration, calibrate, dobi_search
 from jaxquant.dqc import DQCConfig, dqc_step, init_state
@@ -21,6 +22,6 @@ from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
 __all__ = [
     "Bounds", "Calibration", "DQCConfig", "Model", "QuantRules", "QuantizedSwinIR", "SwinIR", "SwinIRConfig",
     "bounds_from_official", "bounds_to_official", "calibrate", "dobi_search", "dqc_step", "evaluate", "fake_quant",
-    "init_bounds", "init_state", "integer_view", "list_sites", "load_benchmarks", "load_model", "quantize",
-    "save_model", "swinir_light",
+    "init_bounds", "init_state", "integer_view", "keep_cpu_scratch", "list_sites", "load_benchmarks", "load_model",
+    "quantize", "save_model", "swinir_light",
 ]

@@ -23,11 +23,15 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from jaxquant.cpu_memory import cpu_scratch_kept
 from jaxquant.quant import quantized_site
 from jaxquant.swinir import SwinIR, SwinIRConfig
 
 Array = jax.Array
 LossMode = Literal["official", "paper"]
+# The most LR pixels a DQC batch may hold (batch x patch^2) for a CPU step with stored activations: the
+# scratch grows ~320 KB a pixel (SwinIR-light: 1.27 GiB at 4 x 32 x 32), and glibc keeps at most 2 GiB.
+STORED_PIXELS_MAX = 4 * 32 * 32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,7 +49,7 @@ class DQCConfig:
     eps: float = 1e-8
     cosine: bool = False  # official: constant LR; paper: cosine decay
     # How the student's Swin blocks run: the same arithmetic, rounded perhaps differently. None picks by backend
-    # (`block_execution`).
+    # and, on a CPU, by whether the process keeps XLA's scratch (`block_execution`).
     remat: bool | None = None  # recompute them in the backward pass instead of storing activations (`SwinIR.remat`)
     scan: bool | None = None  # run them as a `lax.scan` over block pairs (`SwinIR.scan`)
 
@@ -60,13 +64,23 @@ class DQCConfig:
                              f"eps {self.eps}, feature_weight {self.feature_weight}, betas ({self.b1}, {self.b2})")
 
     def block_execution(self) -> tuple[bool, bool]:
-        """`(remat, scan)`, by backend where unset. On a CPU both: a DQC step (x4, batch 4, 32x32, 2 cores)
-        compiles in 11 s instead of 29 s, runs no slower, and keeps ~150 MB of scratch instead of 1.8 GB. On
-        an accelerator neither: on an H100 the scan's per-iteration bookkeeping of the bound scalars became
-        thousands of tiny kernels, and unrolled with stored activations a step (x2, batch 16, 64x64) takes
-        65 ms and 14 GB (README, "Memory and speed")."""
+        """`(remat, scan)`, by backend where unset. On an accelerator neither: on an H100 the scan's
+        per-iteration bookkeeping of the bound scalars became thousands of tiny kernels, and unrolled with
+        stored activations a step (x2, batch 16, 64x64) takes 65 ms and 14 GB. On a CPU neither too where the
+        process keeps XLA's scratch (`cpu_memory.keep_cpu_scratch`, as the scripts do) and the batch's scratch
+        fits what it keeps: x4, batch 4 of 32x32 on 2 cores, 478-489 ms a step against 534-549 ms recomputed.
+        Otherwise recomputed, inside a scan (unrolled, XLA:CPU moves the recomputation back into the forward
+        pass): stored activations would page-fault their scratch in afresh each call (811 ms, against
+        575-628 ms recomputed, which needs ~150 MB of it; README, "Memory and speed")."""
         on_cpu = jax.default_backend() == "cpu"
-        return (on_cpu if self.remat is None else self.remat, on_cpu if self.scan is None else self.scan)
+        store = not on_cpu or (cpu_scratch_kept() and self.batch * self.patch**2 <= STORED_PIXELS_MAX)
+        remat = not store if self.remat is None else self.remat
+        return remat, (on_cpu and remat) if self.scan is None else self.scan
+
+    def resolved(self) -> "DQCConfig":
+        """This config with `remat` and `scan` set as they run here, so that a resumed run rounds the same."""
+        remat, scan = self.block_execution()
+        return dataclasses.replace(self, remat=remat, scan=scan)
 
     def optimizer(self) -> optax.GradientTransformation:
         lr = optax.cosine_decay_schedule(self.lr, self.steps) if self.cosine else self.lr

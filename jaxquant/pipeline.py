@@ -417,6 +417,8 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     Every input loads before the run directory is claimed: a run recorded with a bad input could neither be
     resumed nor started again there."""
     run = run.with_paths(data_root)
+    if run.dqc and not resume:  # recorded as it runs here: a resume elsewhere then rounds the same
+        run = dataclasses.replace(run, dqc=run.dqc.resolved())
     _check_paths(run, run_dir, resume)
     model = load_model(run.model)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:

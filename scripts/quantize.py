@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import get_args
 
 from jaxquant.cli import main_guard
+from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.dobi import Strategy
 from jaxquant.data import resolve_data_root
 from jaxquant.evaluate import results_table
@@ -138,4 +139,5 @@ def main():
 
 
 if __name__ == "__main__":
+    keep_cpu_scratch()  # the process is the script's own; before parse_args, whose --help asks JAX for the backend
     main()

@@ -286,7 +286,7 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     assert results["dqc"]["best_step"] == 2 and results["final_bounds"] == "DQC"
     dqc = results["config"]["dqc"]
     assert (dqc["steps"], dqc["batch"], dqc["patch"], dqc["b2"], dqc["cosine"]) == (2, 2, 32, 0.999, True)
-    assert (dqc["remat"], dqc["scan"]) == (True, None)  # given, and left to the backend
+    assert (dqc["remat"], dqc["scan"]) == (True, True)  # given, and recorded as run: recomputed blocks scan on a CPU
     assert results["results"]["FP"]["Set5"]["psnr"] == pytest.approx(28.89, abs=0.01)
     assert (run_dir / "comparison.png").stat().st_size > 10_000
     summary = (run_dir / "results.md").read_text()
