@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jaxquant.checkpoint import load_model
 from jaxquant.cli import main_guard
+from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import check_output_path, load_benchmarks, resolve_data_root
 from jaxquant.evaluate import evaluate, results_table
 from weights_convert.swinir import describe
@@ -57,4 +58,5 @@ def main():
 
 
 if __name__ == "__main__":
+    keep_cpu_scratch()  # the process is the script's own: each forward's scratch is not faulted in afresh
     main()
