@@ -1,6 +1,6 @@
 """XLA:CPU's scratch kept between calls (`jaxquant.cpu_memory`), and the DQC block execution that follows it."""
 
-import sys
+import platform
 
 import pytest
 
@@ -26,7 +26,7 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5)
 SCRATCH_PAGES = 4096 * 4096 * 4 // 4096
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is what is tuned")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc is what is tuned")
 def test_kept_scratch_is_not_page_faulted_in_again():
     faults = {}
     for mode in ("keep", "default"):
