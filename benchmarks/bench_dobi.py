@@ -9,7 +9,7 @@ import functools
 
 import jax
 
-from common import report, time_compiled
+from common import add_keep_scratch_flag, apply_keep_scratch, report, time_compiled
 from jaxquant.dobi import Calibration, calibrate
 from jaxquant.quant import QuantRules, init_bounds
 from jaxquant.swinir import SwinIR, swinir_light
@@ -24,7 +24,9 @@ def main():
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
+    add_keep_scratch_flag(parser)
     args = parser.parse_args()
+    apply_keep_scratch(args)
     config = swinir_light(args.scale)
     images = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3))
     params = jax.jit(SwinIR(config).init)(jax.random.PRNGKey(1), images[:1])["params"]

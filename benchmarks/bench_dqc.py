@@ -10,8 +10,7 @@ import functools
 
 import jax
 
-from common import report, time_compiled
-from jaxquant.cpu_memory import keep_cpu_scratch
+from common import add_keep_scratch_flag, apply_keep_scratch, report, time_compiled
 from jaxquant.dqc import DQCConfig, dqc_step, init_state
 from jaxquant.quant import QuantRules, init_bounds
 from jaxquant.swinir import SwinIR, swinir_light
@@ -29,8 +28,7 @@ def parser(runs: int = 10) -> argparse.ArgumentParser:
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, help="recompute the student's activations "
                    "(default: by backend, see DQCConfig.block_execution)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="the Swin blocks as a lax.scan (default: by backend)")
-    p.add_argument("--keep-scratch", action=argparse.BooleanOptionalAction, default=True, help="keep XLA:CPU's "
-                   "scratch between calls, as the scripts do (jaxquant.cpu_memory; default: on)")
+    add_keep_scratch_flag(p)
     p.add_argument("--matmul-precision", choices=("default", "tensorfloat32", "float32"), default="default",
                    help="jax_default_matmul_precision (on NVIDIA GPUs since Ampere, 'default' is TF32)")
     p.add_argument("--trace", metavar="DIR", help="write a profiler trace of 3 timed steps here")
@@ -43,8 +41,7 @@ def dqc_config(args: argparse.Namespace) -> DQCConfig:
 
 def setup(args: argparse.Namespace):
     """`(step, step_args)`: a jitted DQC step (without donation, so every timed call gets the same state)."""
-    if args.keep_scratch:
-        keep_cpu_scratch()
+    apply_keep_scratch(args)
     config, dqc = swinir_light(args.scale), dqc_config(args)
     images = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3))
     params = jax.jit(SwinIR(config).init)(jax.random.PRNGKey(1), images[:1])["params"]

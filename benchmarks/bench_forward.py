@@ -9,7 +9,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from common import report, time_compiled
+from common import add_keep_scratch_flag, apply_keep_scratch, report, time_compiled
 from jaxquant.swinir import SwinIR, swinir_light
 
 OFFICIAL_S = {("cpu", 4, 64): 0.228, ("gpu", 2, 256): 0.292}
@@ -20,7 +20,9 @@ def main():
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--runs", type=int, default=10)
+    add_keep_scratch_flag(parser)
     args = parser.parse_args()
+    apply_keep_scratch(args)
     config = swinir_light(args.scale)
     model = SwinIR(config)
     x = jax.random.uniform(jax.random.PRNGKey(0), (1, args.size, args.size, 3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import resource
 import statistics
 import time
@@ -10,7 +11,18 @@ from typing import Callable
 
 import jax
 
-from jaxquant.cpu_memory import cpu_scratch_kept
+from jaxquant.cpu_memory import cpu_scratch_kept, keep_cpu_scratch
+
+
+def add_keep_scratch_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep-scratch", action=argparse.BooleanOptionalAction, default=True, help="keep XLA:CPU's "
+                        "scratch between calls, as the scripts do (jaxquant.cpu_memory; default: on)")
+
+
+def apply_keep_scratch(args: argparse.Namespace) -> None:
+    """Before JAX's first computation: keep the scratch if `--keep-scratch` (the default) asks for it."""
+    if args.keep_scratch:
+        keep_cpu_scratch()
 
 
 def time_compiled(fn: Callable, *args, runs: int = 10, warmup: int = 2) -> dict:

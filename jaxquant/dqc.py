@@ -71,7 +71,7 @@ class DQCConfig:
         fits what it keeps: x4, batch 4 of 32x32 on 2 cores, 478-489 ms a step against 534-549 ms recomputed.
         Otherwise recomputed, inside a scan (unrolled, XLA:CPU moves the recomputation back into the forward
         pass): stored activations would page-fault their scratch in afresh each call (811 ms, against
-        575-628 ms recomputed, which needs ~150 MB of it; README, "Memory and speed")."""
+        575-628 ms recomputed, which needs ~150 MB of it; benchmarks/README.md)."""
         on_cpu = jax.default_backend() == "cpu"
         store = not on_cpu or (cpu_scratch_kept() and self.batch * self.patch**2 <= STORED_PIXELS_MAX)
         remat = not store if self.remat is None else self.remat
