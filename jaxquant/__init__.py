@@ -4,7 +4,7 @@
     model = jaxquant.load_model("swinir_light_x4.pth")                    # or a checkpoint / run directory
     bounds = jaxquant.init_bounds(model.config, jaxquant.QuantRules.uniform(4))
     bounds = jaxquant.calibrate(model.config, jaxquant.Calibration(), model.params, bounds, lr_patches)  # DOBI
-    sr = jaxquant.quantize(model.params, bounds, model.config)(lr_images)  # fake-quant W4A4 forward
+    sr = jaxquant.quantize(model.params, bounds)(lr_images)               # fake-quant W4A4 forward
 """
 
 from jaxquant.checkpoint import Model, load_model, save_model
@@ -17,11 +17,11 @@ from jaxquant.quant import (
     Bounds, QuantizedSwinIR, QuantRules, bounds_from_official, bounds_to_official, fake_quant, init_bounds,
     integer_view, list_sites, quantize,
 )
-from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
+from jaxquant.swinir import SwinIR, SwinIRConfig, config_from_params, swinir_light
 
 __all__ = [
     "Bounds", "Calibration", "DQCConfig", "Model", "QuantRules", "QuantizedSwinIR", "SwinIR", "SwinIRConfig",
-    "bounds_from_official", "bounds_to_official", "calibrate", "dobi_search", "dqc_step", "evaluate", "fake_quant",
+    "bounds_from_official", "bounds_to_official", "calibrate", "config_from_params", "dobi_search", "dqc_step", "evaluate", "fake_quant",
     "init_bounds", "init_state", "integer_view", "keep_cpu_scratch", "list_sites", "load_benchmarks", "load_model",
     "quantize", "save_model", "swinir_light",
 ]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxquant.swinir import SwinIR, SwinIRConfig
+from jaxquant.swinir import SwinIR, SwinIRConfig, config_from_params
 
 Array = jax.Array
 
@@ -303,8 +303,10 @@ def _apply_quantized(config: SwinIRConfig, variables, x):
     return SwinIR(config, site=quantized_site).apply(variables, x)[0]
 
 
-def quantize(params: Mapping, bounds: Mapping, config: SwinIRConfig) -> QuantizedSwinIR:
-    """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site."""
+def quantize(params: Mapping, bounds: Mapping, config: SwinIRConfig | None = None) -> QuantizedSwinIR:
+    """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site. Without
+    `config`, the architecture is read off the params (`swinir.config_from_params`)."""
+    config = config or config_from_params(params)
     validate_bounds(bounds)
     unknown = set(flat_bounds(bounds)) - set(list_sites(config))
     if unknown:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
+from collections.abc import Mapping
 from typing import Protocol
 
 import flax.linen as nn
@@ -93,6 +95,44 @@ def _is_power_of_two_or_three(s: int) -> bool:
 def swinir_light(scale: int) -> SwinIRConfig:
     """SwinIR-light ("SwinIR-S"), the model 2DQuant quantizes (spec section 1)."""
     return SwinIRConfig(upscale=scale)
+
+
+def config_from_params(params: Mapping) -> SwinIRConfig:
+    """The config SwinIR `params` were made with, read off their names and shapes (img_range is not stored:
+    SwinIR's 1.0). A tree that is not SwinIR's params gets a one-line ValueError naming what does not fit."""
+
+    def shape(*path: str, rank: int) -> tuple[int, ...]:
+        node = params
+        for key in path:
+            if not isinstance(node, Mapping) or key not in node:
+                raise ValueError(f"not SwinIR params: no {'/'.join(path)}")
+            node = node[key]
+        if np.ndim(node) != rank:
+            raise ValueError(f"not SwinIR params: {'/'.join(path)} has shape {np.shape(node)}, not {rank} dimensions")
+        return np.shape(node)
+
+    def count(tree: Mapping, prefix: str, step: int = 1) -> int:
+        """How many of `prefix_0`, `prefix_<step>`, `prefix_<2 step>`, ... `tree` holds, from 0 without a gap."""
+        return next(i for i in itertools.count() if f"{prefix}_{step * i}" not in tree)
+
+    if isinstance(params, Mapping) and "params" in params and "conv_first" not in params:
+        raise ValueError("not SwinIR params but Flax variables holding them: pass variables['params']")
+    in_chans, embed_dim = shape("conv_first", "kernel", rank=4)[2:]
+    table = ("residual_group", "blocks_0", "attn", "relative_position_bias_table")
+    # max(.., 1): stage 0 and upsample_0 are looked up even when absent, so that the error names them
+    tables = [shape(f"layers_{i}", *table, rank=2) for i in range(max(count(params, "layers"), 1))]
+    depths = tuple(count(params[f"layers_{i}"]["residual_group"], "blocks") for i in range(len(tables)))
+    common = dict(
+        in_chans=in_chans, embed_dim=embed_dim, depths=depths, num_heads=tuple(t[1] for t in tables),
+        window_size=(math.isqrt(tables[0][0]) + 1) // 2,
+        mlp_ratio=shape("layers_0", *table[:2], "mlp", "fc1", "kernel", rank=2)[1] / embed_dim,
+    )
+    if "conv_before_upsample_0" not in params:  # pixelshuffledirect: one conv to in_chans * scale**2 channels
+        return SwinIRConfig(upscale=math.isqrt(shape("upsample_0", "kernel", rank=4)[3] // in_chans), **common)
+    num_feat = shape("conv_before_upsample_0", "kernel", rank=4)[3]
+    steps = range(max(count(params, "upsample", step=2), 1))  # convs at upsample_0, _2, ...: num_feat * r**2 out
+    upscale = math.prod(math.isqrt(shape(f"upsample_{2 * i}", "kernel", rank=4)[3] // num_feat) for i in steps)
+    return SwinIRConfig(upscale=upscale, upsampler="pixelshuffle", num_feat=num_feat, **common)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -143,3 +143,12 @@ def test_quantize_validates_and_runs(t291_model):
         "layers_0/residual_group/blocks_0/attn/k"].replace(lu=jnp.asarray([1.0, -1.0]))
     with pytest.raises(ValueError, match="layers_1/residual_group/blocks_2/mlp/fc1/act"):
         quantize(model.params, crossed, model.config)
+
+
+def test_quantize_reads_the_config_off_the_params(t291_model):
+    model = t291_model(4)
+    bounds = init_bounds(model.config, QuantRules.uniform(2), fill=(-2.0, 2.0))
+    x = jax.random.uniform(jax.random.PRNGKey(3), (1, 16, 16, 3))
+    inferred = quantize(model.params, bounds)
+    assert inferred.config == model.config
+    np.testing.assert_array_equal(np.asarray(inferred(x)), np.asarray(quantize(model.params, bounds, model.config)(x)))

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import nchw, nhwc
-from jaxquant.swinir import SwinIR, flip_pad, pixel_shuffle, shifted_window_mask, softmax, swinir_light
+from jaxquant.swinir import (
+    SwinIR, SwinIRConfig, config_from_params, flip_pad, pixel_shuffle, shifted_window_mask, softmax, swinir_light,
+)
 
 
 @pytest.mark.parametrize("crop", ["a", "b"])
@@ -26,6 +28,38 @@ def test_parameter_count(scale, count):
     leaves = jax.tree_util.tree_leaves_with_path(shapes["params"])
     n = sum(v.size for k, v in leaves if "relative_position_bias_table" not in jax.tree_util.keystr(k))
     assert n == count
+
+
+def _param_shapes(config: SwinIRConfig) -> dict:
+    x = jax.ShapeDtypeStruct((1, 2 * config.window_size, 2 * config.window_size, config.in_chans), jnp.float32)
+    return jax.eval_shape(SwinIR(config).init, jax.random.PRNGKey(0), x)["params"]
+
+
+@pytest.mark.parametrize("config", [
+    swinir_light(2), swinir_light(3), swinir_light(4),
+    SwinIRConfig(upscale=4, embed_dim=180, depths=(6,) * 6, num_heads=(6,) * 6, upsampler="pixelshuffle"),
+    SwinIRConfig(upscale=3, in_chans=1, embed_dim=48, depths=(2, 4), num_heads=(3, 6), window_size=4, mlp_ratio=1.5,
+                 upsampler="pixelshuffle", num_feat=32),
+    SwinIRConfig(upscale=8, embed_dim=24, depths=(2,), num_heads=(2,), window_size=4, mlp_ratio=4.0),
+], ids=["light-x2", "light-x3", "light-x4", "classical-x4", "gray-x3-two-stages", "x8-direct"])
+def test_config_is_read_off_the_params(config):
+    assert config_from_params(_param_shapes(config)) == config
+
+
+def _without(params: dict, key: str) -> dict:
+    return {k: v for k, v in params.items() if k != key}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: {"params": p}, r"Flax variables holding them: pass variables\['params'\]"),
+    (lambda p: {}, "not SwinIR params: no conv_first/kernel"),
+    (lambda p: p | {"conv_first": {"kernel": np.zeros((3, 60))}}, r"conv_first/kernel has shape \(3, 60\), not 4 dim"),
+    (lambda p: _without(p, "layers_0"), "no layers_0/residual_group/blocks_0/attn/relative_position_bias_table"),
+    (lambda p: _without(p, "upsample_0"), "no upsample_0/kernel"),
+], ids=["variables", "empty", "conv-rank", "no-stage-0", "no-upsampler"])
+def test_config_from_other_trees_is_refused(edit, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_params(edit(_param_shapes(swinir_light(2))))
 
 
 def test_stage_features_are_returned():
