@@ -21,7 +21,7 @@ from jaxquant.swinir import SwinIR, SwinIRConfig, config_from_params, swinir_lig
 
 __all__ = [
     "Bounds", "Calibration", "DQCConfig", "Model", "QuantRules", "QuantizedSwinIR", "SwinIR", "SwinIRConfig",
-    "bounds_from_official", "bounds_to_official", "calibrate", "config_from_params", "dobi_search", "dqc_step", "evaluate", "fake_quant",
-    "init_bounds", "init_state", "integer_view", "keep_cpu_scratch", "list_sites", "load_benchmarks", "load_model",
-    "quantize", "save_model", "swinir_light",
+    "bounds_from_official", "bounds_to_official", "calibrate", "config_from_params", "dobi_search", "dqc_step",
+    "evaluate", "fake_quant", "init_bounds", "init_state", "integer_view", "keep_cpu_scratch", "list_sites",
+    "load_benchmarks", "load_model", "quantize", "save_model", "swinir_light",
 ]

@@ -306,7 +306,7 @@ def _apply_quantized(config: SwinIRConfig, variables, x):
 def quantize(params: Mapping, bounds: Mapping, config: SwinIRConfig | None = None) -> QuantizedSwinIR:
     """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site. Without
     `config`, the architecture is read off the params (`swinir.config_from_params`)."""
-    config = config or config_from_params(params)
+    config = config_from_params(params) if config is None else config
     validate_bounds(bounds)
     unknown = set(flat_bounds(bounds)) - set(list_sites(config))
     if unknown:

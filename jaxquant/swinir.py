@@ -119,7 +119,7 @@ def config_from_params(params: Mapping) -> SwinIRConfig:
         raise ValueError("not SwinIR params but Flax variables holding them: pass variables['params']")
     in_chans, embed_dim = shape("conv_first", "kernel", rank=4)[2:]
     table = ("residual_group", "blocks_0", "attn", "relative_position_bias_table")
-    # max(.., 1): stage 0 and upsample_0 are looked up even when absent, so that the error names them
+    # max(.., 1), here and for the upsampler: the first one is looked up even when absent, so the error names it
     tables = [shape(f"layers_{i}", *table, rank=2) for i in range(max(count(params, "layers"), 1))]
     depths = tuple(count(params[f"layers_{i}"]["residual_group"], "blocks") for i in range(len(tables)))
     common = dict(
