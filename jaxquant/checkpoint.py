@@ -58,8 +58,9 @@ def _bounds_from_arrays(lu: Mapping, bits: Any) -> dict:
     for path, lu in flat.items():
         # NaN or infinite bounds would turn every output NaN without a word. Crossed ones load as saved (DQC
         # could, in principle, write them; the traced quantizer keeps its step positive).
-        if check_finite_pair(lu, where=path).dtype.kind != "f":
-            raise ValueError(f"{path}: bounds of integer type {np.asarray(lu).dtype}")
+        pair = check_finite_pair(lu, where=path)
+        if pair.dtype.kind != "f":
+            raise ValueError(f"{path}: bounds of integer type {pair.dtype}")
     return nest_bounds({p: Bounds(jax.numpy.asarray(v), bits[p]) for p, v in flat.items()})
 
 

@@ -146,9 +146,7 @@ def test_quantize_validates_and_runs(t291_model):
 
 
 def test_quantize_reads_the_config_off_the_params(t291_model):
+    """The Flax-side reading agrees with the one `load_model` made from the .pth's PyTorch shapes."""
     model = t291_model(4)
     bounds = init_bounds(model.config, QuantRules.uniform(2), fill=(-2.0, 2.0))
-    x = jax.random.uniform(jax.random.PRNGKey(3), (1, 16, 16, 3))
-    inferred = quantize(model.params, bounds)
-    assert inferred.config == model.config
-    np.testing.assert_array_equal(np.asarray(inferred(x)), np.asarray(quantize(model.params, bounds, model.config)(x)))
+    assert quantize(model.params, bounds).config == model.config
