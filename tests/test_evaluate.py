@@ -110,17 +110,32 @@ def write_run(run_dir, results):
     return run_dir
 
 
-def quantize_results(bits, psnr):
-    scores = {"Set5": {"psnr": psnr, "ssim": 0.9}}
-    return {"config": {"scale": 2, "bits": bits}, "results": {"FP": scores, "DQC": scores}, "dqc": {"best_step": 80}}
+def quantize_results(bits, psnr, seed=0, dqc=0.0):
+    """A run's results: FP at `psnr`, DOBI 0.5 dB below, and DQC (if `dqc` is not None) `dqc` dB above DOBI."""
+    scores = lambda psnr: {"Set5": {"psnr": psnr, "ssim": 0.9}}
+    stages = {"FP": scores(psnr), "DOBI-official": scores(psnr - 0.5)}
+    if dqc is not None:
+        stages["DQC"] = scores(psnr - 0.5 + dqc)
+    return {"config": {"scale": 2, "bits": bits, "seed": seed}, "results": stages,
+            "dqc": None if dqc is None else {"best_step": 80}}
 
 
 def test_summarize_tabulates_runs(tmp_path):
-    runs = [write_run(tmp_path / f"w{b}", quantize_results(b, 30.0 + b)) for b in (4, 3)]
+    runs = [write_run(tmp_path / f"w{b}", quantize_results(b, 30.0 + b, dqc=0.25)) for b in (4, 3)]
     result = run_script("scripts/summarize.py", *map(str, runs), "--out", str(tmp_path / "table.md"))
     assert result.returncode == 0, result.stderr
-    assert "| x2 W3A3 | 33.000 / 0.9000 | 33.000 / 0.9000 | 80 |" in result.stdout
+    assert "| x2 W3A3 | 33.000 / 0.9000 | 32.500 / 0.9000 | 32.750 / 0.9000 | 80 | +0.250 dB |" in result.stdout
     assert (tmp_path / "table.md").read_text() == result.stdout
+
+
+def test_summarize_names_seeds_where_runs_repeat_a_setting(tmp_path):
+    runs = [write_run(tmp_path / f"s{seed}", quantize_results(4, 30.0, seed, dqc)) for seed, dqc in
+            [(0, -0.125), (1, None)]]
+    result = run_script("scripts/summarize.py", *map(str, runs))
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[2:]
+    assert rows == ["| x2 W4A4 seed 0 | 30.000 / 0.9000 | 29.500 / 0.9000 | 29.375 / 0.9000 | 80 | -0.125 dB |",
+                    "| x2 W4A4 seed 1 | 30.000 / 0.9000 | 29.500 / 0.9000 | - | - | - |"]
 
 
 def scores_of(cell):
