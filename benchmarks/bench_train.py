@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from common import peak_host_memory_gib
+from common import add_keep_scratch_flag, allocator, apply_keep_scratch, peak_host_memory_gib
 from jaxquant.patches import make_pool
 from jaxquant.train import TrainConfig, init_state, train_step
 
@@ -31,7 +31,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     p.add_argument("--bf16", action="store_true")
+    add_keep_scratch_flag(p, default=False)  # train.py does not keep it: its scratch outgrows what glibc keeps
     args = p.parse_args(argv)
+    apply_keep_scratch(args)
     if min(args.batch, args.patch, args.steps) < 1 or args.warmup < 0:
         p.error("--batch, --patch and --steps must be >= 1, --warmup >= 0")
 
@@ -59,7 +61,8 @@ def main(argv=None) -> None:
     step_s = statistics.median(times)
 
     device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind} ({jax.device_count()} device(s)), jax {jax.__version__}")
+    print(f"device: {device.platform} {device.device_kind} ({jax.device_count()} device(s)), jax {jax.__version__}; "
+          f"{allocator()}")
     print("| model | batch | LR patch | dtype | compile (s) | step median (s) | steps/s | patches/s "
           "| XLA scratch (GiB) | peak host memory (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -14,9 +14,10 @@ import jax
 from jaxquant.cpu_memory import cpu_scratch_kept, keep_cpu_scratch
 
 
-def add_keep_scratch_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keep-scratch", action=argparse.BooleanOptionalAction, default=True, help="keep XLA:CPU's "
-                        "scratch between calls, as the scripts do (jaxquant.cpu_memory; default: on)")
+def add_keep_scratch_flag(parser: argparse.ArgumentParser, default: bool = True) -> None:
+    """`--keep-scratch/--no-keep-scratch`; `default` is what the script measured does (`quantize.py` keeps it)."""
+    parser.add_argument("--keep-scratch", action=argparse.BooleanOptionalAction, default=default, help="keep "
+                        f"XLA:CPU's scratch between calls (jaxquant.cpu_memory; default: {'on' if default else 'off'})")
 
 
 def apply_keep_scratch(args: argparse.Namespace) -> None:
