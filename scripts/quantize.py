@@ -87,7 +87,8 @@ def parse_args():
     p.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/x<scale>_w<bits>a<bits>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its settings")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="draws the calibration patches from an image folder and "
+                   "the DQC batches (default: 0)")
     args = p.parse_args()
     given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
     for flag, ignored in IGNORED_WITH.items():
