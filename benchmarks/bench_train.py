@@ -33,9 +33,9 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true")
     add_keep_scratch_flag(p, default=False)  # train.py does not keep it: its scratch outgrows what glibc keeps
     args = p.parse_args(argv)
-    apply_keep_scratch(args)
     if min(args.batch, args.patch, args.steps) < 1 or args.warmup < 0:
         p.error("--batch, --patch and --steps must be >= 1, --warmup >= 0")
+    apply_keep_scratch(args)
 
     cfg = TrainConfig(scale=args.scale, batch=args.batch, patch=args.patch, bf16=args.bf16)
     rng = np.random.default_rng(0)

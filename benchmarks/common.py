@@ -21,7 +21,7 @@ def add_keep_scratch_flag(parser: argparse.ArgumentParser, default: bool = True)
 
 
 def apply_keep_scratch(args: argparse.Namespace) -> None:
-    """Before JAX's first computation: keep the scratch if `--keep-scratch` (the default) asks for it."""
+    """Before JAX's first computation: keep the scratch if `--keep-scratch` asks for it."""
     if args.keep_scratch:
         keep_cpu_scratch()
 
