@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, nest_bounds
-from jaxquant.swinir import SwinIRConfig
+from jaxquant.swinir import SwinIRConfig, check_params
 
 Params = Mapping[str, Any]
 BIT_WIDTHS = range(2, 9)  # of a quantized model, stored or configured (QuantizeConfig)
@@ -98,32 +98,6 @@ def _describe_kind(kind: Any) -> str:
     return {int: "a positive integer", float: "a positive number", str: "a string"}[kind]
 
 
-def _check_params(config: SwinIRConfig, params: Params) -> None:
-    """Every param has the shape `config` implies, none missing or extra, as `torch_to_flax` checks a .pth file:
-    a hand-edited embed_dim or upscale would otherwise fail deep inside the model, or export as if sound."""
-    from weights_convert.swinir import describe, expected_shapes
-
-    saved = {"/".join(k): np.shape(v) for k, v in _flatten(params)}
-    # Tracing SwinIR for its shapes builds a module per block and (window**2, window**2) arrays, so a config
-    # bigger than its params (an edited depths or window_size) is refused before it can exhaust time or memory.
-    rows = [shape[0] if shape else 0 for path, shape in saved.items() if path.endswith("/relative_position_bias_table")]
-    if len(rows) != sum(config.depths) or set(rows) != {(2 * config.window_size - 1) ** 2}:
-        raise ValueError(
-            f"config depths {list(config.depths)}, window {config.window_size} do not match its params "
-            f"({len(rows)} blocks, bias tables of {sorted(set(rows))} rows)"
-        )
-    expected = expected_shapes(config)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"params do not match {describe(config)}: {len(missing)} missing {missing[:2]}, "
-            f"{len(unexpected)} unexpected {unexpected[:2]}"
-        )
-    for path, shape in expected.items():
-        if saved[path] != shape:
-            raise ValueError(f"param {path} has shape {saved[path]}; {describe(config)} needs {shape}")
-
-
 def _flatten(tree: Mapping, prefix: tuple = ()):
     for k, v in tree.items():
         if isinstance(v, Mapping):
@@ -169,7 +143,7 @@ def _restore_checkpoint(directory: Path) -> Model:
         with _checkpointer() as ckptr:
             got = ckptr.restore(directory, ocp.args.Composite(**restore))
         config = _config_from_json(got["config"])
-        _check_params(config, got["params"])
+        check_params(config, got["params"])
         bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if not missing else None
     return Model(config, got["params"], bounds)
 

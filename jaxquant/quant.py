@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxquant.swinir import SwinIR, SwinIRConfig, config_from_params
+from jaxquant.swinir import SwinIR, SwinIRConfig, check_params, config_from_params
 
 Array = jax.Array
 
@@ -305,8 +305,12 @@ def _apply_quantized(config: SwinIRConfig, variables, x):
 
 def quantize(params: Mapping, bounds: Mapping, config: SwinIRConfig | None = None) -> QuantizedSwinIR:
     """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site. Without
-    `config`, the architecture is read off the params (`swinir.config_from_params`)."""
-    config = config_from_params(params) if config is None else config
+    `config`, the architecture is read off the params (`swinir.config_from_params`); either way every param must
+    have the shape the config implies."""
+    if config is None:
+        config = config_from_params(params)  # which checks the params against what it reads
+    else:
+        check_params(config, params)
     validate_bounds(bounds)
     unknown = set(flat_bounds(bounds)) - set(list_sites(config))
     if unknown:

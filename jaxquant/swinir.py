@@ -128,11 +128,22 @@ def config_from_params(params: Mapping) -> SwinIRConfig:
         mlp_ratio=shape("layers_0", *table[:2], "mlp", "fc1", "kernel", rank=2)[1] / embed_dim,
     )
     if "conv_before_upsample_0" not in params:  # pixelshuffledirect: one conv to in_chans * scale**2 channels
-        return SwinIRConfig(upscale=math.isqrt(shape("upsample_0", "kernel", rank=4)[3] // in_chans), **common)
-    num_feat = shape("conv_before_upsample_0", "kernel", rank=4)[3]
-    steps = range(max(count(params, "upsample", step=2), 1))  # convs at upsample_0, _2, ...: num_feat * r**2 out
-    upscale = math.prod(math.isqrt(shape(f"upsample_{2 * i}", "kernel", rank=4)[3] // num_feat) for i in steps)
-    return SwinIRConfig(upscale=upscale, upsampler="pixelshuffle", num_feat=num_feat, **common)
+        config = SwinIRConfig(upscale=math.isqrt(shape("upsample_0", "kernel", rank=4)[3] // in_chans), **common)
+    else:
+        num_feat = shape("conv_before_upsample_0", "kernel", rank=4)[3]
+        steps = range(max(count(params, "upsample", step=2), 1))  # convs at upsample_0, _2, ...: num_feat * r**2 out
+        upscale = math.prod(math.isqrt(shape(f"upsample_{2 * i}", "kernel", rank=4)[3] // num_feat) for i in steps)
+        config = SwinIRConfig(upscale=upscale, upsampler="pixelshuffle", num_feat=num_feat, **common)
+    check_params(config, params)  # the few shapes read above set the config; every other one must fit it
+    return config
+
+
+def describe(config: SwinIRConfig) -> str:
+    """One-line summary of a config, for CLI output and errors."""
+    return (
+        f"SwinIR x{config.upscale} (embed_dim {config.embed_dim}, depths {list(config.depths)}, "
+        f"heads {list(config.num_heads)}, window {config.window_size}, {config.upsampler})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,3 +476,49 @@ class SwinIR(nn.Module):
 def _upsample_steps(scale: int) -> tuple[int, ...]:
     """PixelShuffle factors of SwinIR's `Upsample`: log2(scale) steps of 2, or one step of 3."""
     return (3,) if scale == 3 else (2,) * int(math.log2(scale))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Params against a config
+
+
+def param_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter shapes of SwinIR under `config`, keyed by '/'-joined path (traced, no compute)."""
+    size = 2 * config.window_size
+    x = jax.ShapeDtypeStruct((1, size, size, config.in_chans), jnp.float32)
+    return _leaf_shapes(jax.eval_shape(SwinIR(config).init, jax.random.PRNGKey(0), x)["params"])
+
+
+def check_params(config: SwinIRConfig, params: Mapping) -> None:
+    """A one-line ValueError unless every param has the shape `config` implies, none missing or extra: params that
+    do not fit would otherwise fail deep inside the model, or export as if sound."""
+    saved = _leaf_shapes(params)
+    # Tracing SwinIR for its shapes builds a module per block and (window**2, window**2) arrays, so a config
+    # bigger than its params (an edited depths or window_size) is refused before it can exhaust time or memory.
+    rows = [shape[0] if shape else 0 for path, shape in saved.items() if path.endswith("/relative_position_bias_table")]
+    if len(rows) != sum(config.depths) or set(rows) != {(2 * config.window_size - 1) ** 2}:
+        raise ValueError(
+            f"config depths {list(config.depths)}, window {config.window_size} do not match its params "
+            f"({len(rows)} blocks, bias tables of {sorted(set(rows))} rows)"
+        )
+    expected = param_shapes(config)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"params do not match {describe(config)}: {len(missing)} missing {missing[:2]}, "
+            f"{len(unexpected)} unexpected {unexpected[:2]}"
+        )
+    for path, shape in expected.items():
+        if saved[path] != shape:
+            raise ValueError(f"param {path} has shape {saved[path]}; {describe(config)} needs {shape}")
+
+
+def _leaf_shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """'/'-joined path -> shape, for every leaf of a nested mapping."""
+    shapes = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            shapes |= _leaf_shapes(value, f"{prefix}{key}/")
+        else:
+            shapes[f"{prefix}{key}"] = tuple(np.shape(value))
+    return shapes

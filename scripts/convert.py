@@ -11,7 +11,7 @@ import jax
 from jaxquant.checkpoint import load_model, save_model
 from jaxquant.cli import main_guard
 from jaxquant.data import check_output_path
-from weights_convert.swinir import describe
+from jaxquant.swinir import describe
 
 
 @main_guard

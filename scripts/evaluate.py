@@ -12,7 +12,7 @@ from jaxquant.cli import main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import check_output_path, load_benchmarks, resolve_data_root
 from jaxquant.evaluate import evaluate, results_table
-from weights_convert.swinir import describe
+from jaxquant.swinir import describe
 
 
 def check_outputs(out: Path | None, images_dir: Path | None, datasets: list[str]) -> None:

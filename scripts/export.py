@@ -16,7 +16,8 @@ import numpy as np
 from jaxquant.checkpoint import load_model
 from jaxquant.cli import main_guard
 from jaxquant.data import check_output_path
-from weights_convert.swinir import describe, flax_to_torch
+from jaxquant.swinir import describe
+from weights_convert.swinir import flax_to_torch
 from weights_convert.torch_pickle import save_pth
 
 

@@ -150,3 +150,10 @@ def test_quantize_reads_the_config_off_the_params(t291_model):
     model = t291_model(4)
     bounds = init_bounds(model.config, QuantRules.uniform(2), fill=(-2.0, 2.0))
     assert quantize(model.params, bounds).config == model.config
+
+
+def test_quantize_refuses_params_that_do_not_fit_the_config(t291_model):
+    model = t291_model(2)
+    bounds = init_bounds(model.config, QuantRules.uniform(4))
+    with pytest.raises(ValueError, match=r"param upsample_0/bias has shape \(12,\); SwinIR x4 .* needs \(48,\)"):
+        quantize(model.params, bounds, swinir_light(4))

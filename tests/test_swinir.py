@@ -50,13 +50,25 @@ def _without(params: dict, key: str) -> dict:
     return {k: v for k, v in params.items() if k != key}
 
 
+def _replaced(params: dict, path: str, value) -> dict:
+    """A copy of `params` with the leaf at '/'-joined `path` replaced."""
+    head, _, rest = path.partition("/")
+    return params | {head: _replaced(params[head], rest, value) if rest else value}
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda p: {"params": p}, r"Flax variables holding them: pass variables\['params'\]"),
     (lambda p: {}, "not SwinIR params: no conv_first/kernel"),
     (lambda p: p | {"conv_first": {"kernel": np.zeros((3, 60))}}, r"conv_first/kernel has shape \(3, 60\), not 4 dim"),
     (lambda p: _without(p, "layers_0"), "no layers_0/residual_group/blocks_0/attn/relative_position_bias_table"),
     (lambda p: _without(p, "upsample_0"), "no upsample_0/kernel"),
-], ids=["variables", "empty", "conv-rank", "no-stage-0", "no-upsampler"])
+    (lambda p: _replaced(p, "layers_0/residual_group/blocks_0/attn/relative_position_bias_table", np.zeros((224, 6))),
+     r"window 7 do not match its params \(24 blocks, bias tables of \[224, 225\] rows\)"),
+    (lambda p: _replaced(p, "layers_1/residual_group/blocks_3/mlp/fc2/kernel", np.zeros((100, 60))),
+     r"param layers_1/residual_group/blocks_3/mlp/fc2/kernel has shape \(100, 60\); SwinIR x2 .* needs \(120, 60\)"),
+    (lambda p: _without(p, "conv_after_body"), r"2 missing \['conv_after_body/bias', 'conv_after_body/kernel'\]"),
+], ids=["variables", "empty", "conv-rank", "no-stage-0", "no-upsampler", "bias-table-rows", "deep-param-shape",
+        "missing-param"])
 def test_config_from_other_trees_is_refused(edit, message):
     with pytest.raises(ValueError, match=message):
         config_from_params(edit(_param_shapes(swinir_light(2))))

@@ -20,11 +20,10 @@ import math
 import re
 from typing import Iterator
 
-import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxquant.swinir import SwinIR, SwinIRConfig, relative_position_index, shifted_window_mask
+from jaxquant.swinir import SwinIRConfig, describe, param_shapes, relative_position_index, shifted_window_mask
 
 
 class ConversionError(ValueError):
@@ -255,15 +254,6 @@ def naming_source(source) -> Iterator[None]:
         raise ConversionError(f"{source}: {e}") from None
 
 
-def expected_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
-    """Flax parameter shapes of SwinIR under `config`, keyed by '/'-joined path (no compute)."""
-    size = 2 * config.window_size
-    shapes = jax.eval_shape(
-        SwinIR(config).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, size, size, config.in_chans), np.float32)
-    )
-    return {"/".join(k): v.shape for k, v in flatten_dict(shapes["params"]).items()}
-
-
 def torch_shapes(config: SwinIRConfig, flax_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """PyTorch shapes of SwinIR's parameters, from their Flax shapes (the split qkv stacked back row-wise)."""
     shapes = {}
@@ -298,7 +288,7 @@ def torch_to_flax(sd: dict[str, np.ndarray], config: SwinIRConfig | None = None)
     """Convert a PyTorch SwinIR state dict to `(config, params)`; every key, shape and value is checked."""
     _check_entries(sd)
     config = config or infer_config(sd)
-    flax_shapes = expected_shapes(config)
+    flax_shapes = param_shapes(config)
     shapes = torch_shapes(config, flax_shapes)
     dropped = [k for k in sd if k.endswith(("relative_position_index", "attn_mask"))]
     leftover = sorted(set(sd) - set(shapes) - set(dropped))
@@ -336,12 +326,4 @@ def flax_to_torch(config: SwinIRConfig, params: dict) -> dict[str, np.ndarray]:
     if flat:
         raise ConversionError(f"params not in the SwinIR key table: {_preview(flat)}")
     return sd
-
-
-def describe(config: SwinIRConfig) -> str:
-    """One-line summary of a config, for CLI output and errors."""
-    return (
-        f"SwinIR x{config.upscale} (embed_dim {config.embed_dim}, depths {list(config.depths)}, "
-        f"heads {list(config.num_heads)}, window {config.window_size}, {config.upsampler})"
-    )
 
