@@ -274,9 +274,9 @@ def test_load_benchmark_reads_existing_lr_and_modcrops_hr():
 @needs_data
 def test_load_benchmark_missing_dataset_names_path():
     with pytest.raises(FileNotFoundError) as error:
-        load_benchmark(DATA_ROOT, "Urban100", 4)
+        load_benchmark(DATA_ROOT, "Manga109", 4)
     message = str(error.value)
-    assert str(DATA_ROOT / "benchmark" / "Urban100") in message
+    assert str(DATA_ROOT / "benchmark" / "Manga109") in message
     assert "Set5" in message
 
 

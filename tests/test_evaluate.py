@@ -29,8 +29,8 @@ def test_set5_psnr_matches_official(scale, tmp_path):
 
 def test_missing_dataset_is_one_line(tmp_path):
     weights = require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth")
-    result = run_script("scripts/evaluate.py", "--model", str(weights), "--datasets", "Urban100")
-    assert_one_line_error(result, str(DATA_ROOT / "benchmark" / "Urban100"))
+    result = run_script("scripts/evaluate.py", "--model", str(weights), "--datasets", "Manga109")
+    assert_one_line_error(result, str(DATA_ROOT / "benchmark" / "Manga109"))
 
 
 # --------------------------------------------------------------------------- bad input: one line, nothing lost
