@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 import warnings
 from typing import Callable
+
+from jaxquant.evaluate import DEFAULT_OVERLAP, DEFAULT_TILE
 
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)  # bad input (PthError is a ValueError) or a failing disk
 
@@ -30,6 +33,15 @@ def main_guard(main: Callable[..., None]) -> Callable[..., None]:
 def interrupted(stopped: KeyboardInterrupt, resume_command: str) -> str:
     """The exit message of a run stopped by Ctrl-C: what was checkpointed (where the loop said) and how to go on."""
     return f"interrupted{f' ({stopped})' if str(stopped) else ''}; continue with: {resume_command}"
+
+
+def add_tiling_flags(parser: argparse.ArgumentParser) -> None:
+    """`--tile` and `--tile-overlap` (SwinIR's test script's `--tile` and `--tile_overlap`); see `Tiling`."""
+    parser.add_argument("--tile", type=int, metavar="N", help="run the model on N x N LR tiles, averaged where they "
+                        f"overlap (default: whole images, or tiles of {DEFAULT_TILE} where a benchmark's whole images "
+                        "would not fit in memory; 0: whole images always)")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, metavar="M",
+                        help=f"LR pixels that neighbouring tiles share (default: {DEFAULT_OVERLAP})")
 
 
 def _one_line_warning(message: Warning | str, *_) -> str:

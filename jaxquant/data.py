@@ -234,16 +234,30 @@ class BenchmarkImage(NamedTuple):
     lr: np.ndarray  # uint8 (H/s)x(W/s)x3
 
 
+PAPER_BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")  # the order of SR papers' tables
+
+
+def available_benchmarks(data_root: Path) -> list[str]:
+    """The benchmarks under `<root>/benchmark` (each a folder with `HR/`): the paper's in its order, then the rest."""
+    benchmark_root = data_root / "benchmark"
+    found = {p.name for p in benchmark_root.iterdir() if (p / "HR").is_dir()} if benchmark_root.is_dir() else set()
+    return [name for name in PAPER_BENCHMARKS if name in found] + sorted(found - set(PAPER_BENCHMARKS))
+
+
+def benchmark_names(spec: str, data_root: Path) -> list[str]:
+    """Benchmark names from a command line's comma-separated list; `all` is every benchmark the data root has."""
+    names = available_benchmarks(data_root) if spec == "all" else [name for name in spec.split(",") if name]
+    if not names:
+        raise ValueError(f"--datasets {spec!r} names no benchmark" + (f" ({data_root / 'benchmark'} has none)"
+                                                                     if spec == "all" else ""))
+    return names
+
+
 def benchmark_dir(data_root: Path, name: str) -> Path:
     """`<root>/benchmark/<name>`; a missing dataset is a FileNotFoundError naming the path."""
     dataset_dir = data_root / "benchmark" / name
     if not (dataset_dir / "HR").is_dir():
-        benchmark_root = data_root / "benchmark"
-        available = (
-            sorted(p.name for p in benchmark_root.iterdir() if (p / "HR").is_dir())
-            if benchmark_root.is_dir()
-            else []
-        )
+        available = available_benchmarks(data_root)
         raise FileNotFoundError(
             f"benchmark {name!r} not found: expected {dataset_dir / 'HR'}; "
             f"available: {', '.join(available) or 'none'}"

@@ -3,10 +3,15 @@
 Whole-image inference (the model flip-pads to a multiple of the window and crops back, as 2DQuant's
 `test()` does), output rounded to uint8, PSNR and SSIM on Y with `crop_border = scale`. Works for the FP
 model (no bounds) and the fake-quantized model alike: both are `SwinIR(config, site=quantized_site)`.
+
+A benchmark of large images of many sizes (Urban100) is run in overlapping tiles instead, as SwinIR's
+`main_test_swinir.py --tile --tile_overlap` does: every image shape compiles its own forward, and the compiled
+forwards stay resident, so whole images would need more memory than a CPU host has (`Tiling`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +39,89 @@ def variables(model: Model) -> dict:
     return {"params": model.params} | ({"bounds": model.bounds} if model.bounds is not None else {})
 
 
-def forward_compilations(model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]]) -> list[Callable]:
-    """One thunk per LR image shape in `benchmarks` that compiles `model`'s forward for it (see
-    `compile_concurrently`); `super_resolve` then finds it compiled. A shape compiled before costs a cache
-    lookup (~5 ms): the lowering and the executable are cached by the bounds' structure, not their values."""
-    shapes = sorted({(1, *image.lr.shape) for images in benchmarks.values() for image in images})
+# Resident memory that one compiled whole-image forward keeps per LR pixel of its image shape (SwinIR-light,
+# fake-quantized or not; measured as peak resident memory over Urban100's shapes, see docs/measurements.md).
+RESIDENT_BYTES_PER_LR_PIXEL = 4096
+WHOLE_IMAGE_BUDGET = 4 * 2**30  # whole-image forwards of one benchmark may keep this much; beyond it, tiles
+DEFAULT_TILE, DEFAULT_OVERLAP = 128, 32  # LR pixels: a multiple of every window; SwinIR's default overlap
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Whole images, or `tile` x `tile` LR tiles overlapping by `overlap` pixels (SwinIR's test script).
+
+    `tile=None` chooses per benchmark: whole images unless their compiled forwards (one per image shape)
+    would keep more than `WHOLE_IMAGE_BUDGET` resident, then `DEFAULT_TILE`. `tile=0` always runs whole images.
+    """
+
+    tile: int | None = None
+    overlap: int = DEFAULT_OVERLAP
+
+    def __post_init__(self):
+        if self.overlap < 0 or (self.tile is not None and self.tile < 0):
+            raise ValueError(f"tile and tile overlap must be >= 0, got {self.tile} and {self.overlap}")
+        if self.tile and self.tile <= self.overlap:
+            raise ValueError(f"the tile ({self.tile}) must be larger than its overlap ({self.overlap})")
+
+    def tile_for(self, images: Sequence[BenchmarkImage]) -> int:
+        """The tile size for a benchmark, 0 for whole images."""
+        if self.tile is not None:
+            return self.tile
+        return DEFAULT_TILE if whole_image_memory(images) > WHOLE_IMAGE_BUDGET else 0
+
+
+def whole_image_memory(images: Sequence[BenchmarkImage]) -> int:
+    """Bytes the compiled whole-image forwards for `images` keep resident: one per distinct LR shape."""
+    return RESIDENT_BYTES_PER_LR_PIXEL * sum(h * w for h, w, _ in {image.lr.shape for image in images})
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles start along an axis of `size` pixels: every `tile - overlap`, the last flush with the end
+    (SwinIR's `h_idx_list`). A tile larger than the axis is cut to it."""
+    tile = min(tile, size)
+    return [*range(0, size - tile, tile - overlap), size - tile]
+
+
+def tiled(forward: Callable[[jax.Array], jax.Array], scale: int, tile: int, overlap: int) -> Callable:
+    """`forward` (an LR batch (B, H, W, C) -> its x`scale` SR batch) run tile by tile, the SR tiles averaged
+    where they overlap. Every tile of an image at least `tile` pixels high and wide has one shape, so one
+    compiled forward serves a whole benchmark; the SR image is assembled on the host."""
+
+    def run(lr: jax.Array) -> np.ndarray:
+        _, h, w, _ = lr.shape
+        th, tw = min(tile, h), min(tile, w)
+        total, count = None, np.zeros((1, h * scale, w * scale, 1), np.float32)
+        for y in tile_starts(h, tile, overlap):
+            for x in tile_starts(w, tile, overlap):
+                sr = np.asarray(forward(lr[:, y:y + th, x:x + tw]))
+                if total is None:
+                    total = np.zeros((sr.shape[0], h * scale, w * scale, sr.shape[-1]), np.float32)
+                region = np.s_[:, y * scale:(y + th) * scale, x * scale:(x + tw) * scale]
+                total[region] += sr
+                count[region] += 1
+        return total / count
+
+    return run
+
+
+def forward_shapes(benchmarks: Mapping[str, Sequence[BenchmarkImage]], tiling: Tiling) -> set[tuple[int, ...]]:
+    """The input shapes the forward is called with: each LR image's, or its tile's where a benchmark is tiled."""
+    shapes = set()
+    for images in benchmarks.values():
+        tile = tiling.tile_for(images)
+        shapes |= {(1, min(tile, h), min(tile, w), c) if tile else (1, h, w, c) for h, w, c in
+                   (image.lr.shape for image in images)}
+    return shapes
+
+
+def forward_compilations(
+    model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], tiling: Tiling = Tiling()
+) -> list[Callable]:
+    """One thunk per input shape that evaluating `benchmarks` with `tiling` calls `model`'s forward with, which
+    compiles it for that shape (see `compile_concurrently`); `super_resolve` then finds it compiled. A shape
+    compiled before costs a cache lookup (~5 ms): the lowering and the executable are cached by the bounds'
+    structure, not their values."""
+    shapes = sorted(forward_shapes(benchmarks, tiling))
 
     def compile_for(shape):
         return _forward.lower(model.config, variables(model), jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
@@ -55,28 +138,40 @@ def compile_concurrently(compilations: Sequence[Callable]) -> None:
                 done.result()
 
 
-def super_resolve(model: Model, lr: np.ndarray) -> np.ndarray:
-    """One uint8 HxWx3 LR image -> the model's float32 sHxsWx3 output, in [0, 1] up to overshoot."""
+def super_resolve(model: Model, lr: np.ndarray, tile: int = 0, overlap: int = DEFAULT_OVERLAP) -> np.ndarray:
+    """One uint8 HxWx3 LR image -> the model's float32 sHxsWx3 output, in [0, 1] up to overshoot; whole, or in
+    `tile` x `tile` tiles overlapping by `overlap` (see `tiled`)."""
     x = jnp.asarray(lr, jnp.float32)[None] / 255.0
-    return np.asarray(_forward(model.config, variables(model), x)[0])
+    forward = functools.partial(_forward, model.config, variables(model))
+    if tile:
+        forward = tiled(forward, model.config.upscale, tile, overlap)
+    return np.asarray(forward(x)[0])
 
 
 def evaluate(
-    model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], *, save_dir: Path | None = None,
-    show_progress: bool = True,
+    model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], *, tiling: Tiling = Tiling(),
+    save_dir: Path | None = None, show_progress: bool = True,
 ) -> dict[str, dict]:
-    """Per-image and mean PSNR / SSIM (Y channel) of `model` on each benchmark (see `load_benchmarks`)."""
-    compile_concurrently(forward_compilations(model, benchmarks))
-    return {name: _evaluate_images(model, name, images, save_dir, show_progress) for name, images in benchmarks.items()}
+    """Per-image and mean PSNR / SSIM (Y channel) of `model` on each benchmark (see `load_benchmarks`), whole
+    images or tiled as `tiling` says; a benchmark that `tiling` tiles by itself is named on stdout."""
+    compile_concurrently(forward_compilations(model, benchmarks, tiling))
+    return {name: _evaluate_images(model, name, images, tiling, save_dir, show_progress)
+            for name, images in benchmarks.items()}
 
 
 def _evaluate_images(
-    model: Model, name: str, images: Sequence[BenchmarkImage], save_dir: Path | None, show_progress: bool
+    model: Model, name: str, images: Sequence[BenchmarkImage], tiling: Tiling, save_dir: Path | None,
+    show_progress: bool,
 ) -> dict:
     scale = model.config.upscale
+    tile = tiling.tile_for(images)
+    if tile and tiling.tile is None:
+        print(f"{name} x{scale}: whole images would keep ~{whole_image_memory(images) / 2**30:.1f} GiB of compiled "
+              f"forwards (over {WHOLE_IMAGE_BUDGET / 2**30:.0f} GiB); running {tile}x{tile} tiles overlapping by "
+              f"{tiling.overlap} (--tile 0 for whole images)")
     per_image = {}
     for image in tqdm(images, desc=f"{name} x{scale}", unit="img", disable=not show_progress, leave=False):
-        sr = to_uint8(super_resolve(model, image.lr))
+        sr = to_uint8(super_resolve(model, image.lr, tile, tiling.overlap))
         per_image[image.name] = {"psnr": psnr_y(sr, image.hr, scale), "ssim": ssim_y(sr, image.hr, scale)}
         if save_dir is not None:
             write_image(Path(save_dir) / name / f"{image.name}.png", sr)

@@ -33,7 +33,7 @@ from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, lis
                            load_benchmarks, read_image)
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
-from jaxquant.evaluate import compile_concurrently, evaluate, forward_compilations, results_table
+from jaxquant.evaluate import DEFAULT_OVERLAP, Tiling, compile_concurrently, evaluate, forward_compilations, results_table
 from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json, read_json_object,
@@ -87,6 +87,8 @@ class QuantizeConfig:
     validate_every: int = 100
     checkpoint_every: int = 100
     datasets: tuple[str, ...] = ("Set5",)
+    tile: int | None = None  # benchmark inference in tiles (see `Tiling`): None chooses by memory, 0 never tiles
+    tile_overlap: int = DEFAULT_OVERLAP
     compare: tuple[str, ...] = ("minmax",)  # other initialisations to evaluate beside `method` (see INITS)
     import_bounds: str | None = None
     export_bounds: str | None = None
@@ -113,9 +115,14 @@ class QuantizeConfig:
             raise ValueError("no benchmark to evaluate on (datasets is empty)")
         if self.scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
+        self.tiling  # checks the tile and its overlap
         unknown = set(self.compare) - set(INITS)
         if unknown:
             raise ValueError(f"unknown initialisations {sorted(unknown)}; choose from {', '.join(INITS)}")
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.tile, self.tile_overlap)
 
     @property
     def init_name(self) -> str:
@@ -387,10 +394,11 @@ def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: di
     """What the run compiles after calibration: the FP and fake-quant forwards at every benchmark (and Set5
     validation) image shape, and the DQC step. Compiled beside the calibration, they cost no wall time there
     (on an H100, the step took ~55 s and Set5's five shapes ~90 s, one after another)."""
-    if run.dqc:
-        benchmarks = benchmarks | {"Set5 (validation)": load_benchmark(run.data_root, "Set5", run.scale)}
+    validation = {"Set5": load_benchmark(run.data_root, "Set5", run.scale)} if run.dqc else {}
     quantized = model._replace(bounds=start)
-    forwards = [*forward_compilations(model, benchmarks), *forward_compilations(quantized, benchmarks)]
+    forwards = [*forward_compilations(model, benchmarks, run.tiling),
+                *forward_compilations(quantized, benchmarks, run.tiling),
+                *forward_compilations(quantized, validation)]  # DQC validates on whole images
     return forwards + ([functools.partial(_compile_step, model, start, run.dqc)] if run.dqc else [])
 
 
@@ -447,9 +455,9 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
         seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 
-    rows = {"FP": evaluate(model, benchmarks)}
+    rows = {"FP": evaluate(model, benchmarks, tiling=run.tiling)}
     for name, bounds in stages.items():
-        rows[name] = evaluate(model._replace(bounds=bounds), benchmarks)
+        rows[name] = evaluate(model._replace(bounds=bounds), benchmarks, tiling=run.tiling)
     table = results_table(rows, run.datasets)
     seconds["evaluation"] = time.perf_counter() - clock
 

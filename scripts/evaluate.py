@@ -1,6 +1,7 @@
 """Evaluate a model (checkpoint, `.pth`, or quantize run directory) on benchmark datasets.
 
     python scripts/evaluate.py --model ../shared/data/weights/swinir_light_x2_t291.pth --datasets Set5,Set14
+    python scripts/evaluate.py --model runs/x4_w2a2 --datasets all     # every benchmark in the data root
 """
 
 import argparse
@@ -8,10 +9,10 @@ import json
 from pathlib import Path
 
 from jaxquant.checkpoint import load_model
-from jaxquant.cli import main_guard
+from jaxquant.cli import add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
-from jaxquant.data import check_output_path, load_benchmarks, resolve_data_root
-from jaxquant.evaluate import evaluate, results_table
+from jaxquant.data import benchmark_names, check_output_path, load_benchmarks, resolve_data_root
+from jaxquant.evaluate import Tiling, evaluate, results_table
 from jaxquant.swinir import describe
 
 
@@ -36,20 +37,22 @@ def overlaps(a: Path, b: Path) -> bool:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model checkpoint, .pth file, or quantize run directory")
-    parser.add_argument("--datasets", default="Set5", help="comma-separated benchmark names (default: Set5)")
+    parser.add_argument("--datasets", default="Set5", help="comma-separated benchmark names, or all (every one in "
+                        "the data root; default: Set5)")
     parser.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")
     parser.add_argument("--out", type=Path, help="write per-image and mean results here (JSON)")
     parser.add_argument("--save-images", type=Path, metavar="DIR", help="write the SR images here")
+    add_tiling_flags(parser)
     args = parser.parse_args()
-    datasets = [d for d in args.datasets.split(",") if d]
-    if not datasets:
-        raise ValueError(f"--datasets {args.datasets!r} names no benchmark")
-    check_outputs(args.out, args.save_images, datasets)
+    tiling = Tiling(args.tile, args.tile_overlap)
     root = resolve_data_root(args.data_root)
+    datasets = benchmark_names(args.datasets, root)
+    check_outputs(args.out, args.save_images, datasets)
     model = load_model(args.model)
     kind = "FP" if model.bounds is None else "quantized"
     print(f"{describe(model.config)}, {kind}")
-    results = evaluate(model, load_benchmarks(root, datasets, model.config.upscale), save_dir=args.save_images)
+    benchmarks = load_benchmarks(root, datasets, model.config.upscale)
+    results = evaluate(model, benchmarks, tiling=tiling, save_dir=args.save_images)
     print(results_table({kind: results}, datasets))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from jaxquant.cli import main_guard
+from jaxquant.cli import add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.dobi import Strategy
-from jaxquant.data import resolve_data_root
+from jaxquant.data import benchmark_names, resolve_data_root
 from jaxquant.evaluate import results_table
 from jaxquant.pipeline import (
     CALIB_PATCHES, CONFIG_FILE, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run,
@@ -30,7 +30,8 @@ DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--b2", "--cosine", "--lo
 CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "--calib-patches", "--compare"}
 IGNORED_WITH = {
     "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
-                                                  "--import-bounds", "--export-bounds", "--run-dir", "--seed"},
+                                                  "--import-bounds", "--export-bounds", "--run-dir", "--seed",
+                                                  "--tile", "--tile-overlap"},
     "--no-dqc": DQC_FLAGS,
     "--import-bounds": CALIBRATION_FLAGS,
 }
@@ -79,7 +80,9 @@ def parse_args():
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="run the Swin blocks as a lax.scan "
                    "(default: by backend)")
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
-    p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate")
+    p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate, or all (every one in "
+                   "the data root)")
+    add_tiling_flags(p)
     p.add_argument("--compare", default="minmax", help="other initialisations to evaluate: comma-separated of "
                    f"{', '.join(INITS)} (default: minmax)")
     p.add_argument("--import-bounds", help="JSON {official quantizer name: [l, u]} to start from instead of calibrating")
@@ -100,7 +103,7 @@ def parse_args():
     return args
 
 
-def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
+def config_from_args(args, data_root: Path) -> tuple[QuantizeConfig, str | None]:
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
@@ -113,7 +116,8 @@ def config_from_args(args) -> tuple[QuantizeConfig, str | None]:
         bits=args.bits, scale=args.scale, model=args.model, method=args.method, strategy=args.dobi_strategy,
         percentile=args.percentile, calib=args.calib, calib_patches=count if args.calib_patches is None else args.calib_patches,
         calib_size=size, dqc=dqc, train_dir=args.train_dir, validate_every=every, checkpoint_every=every,
-        datasets=tuple(d for d in args.datasets.split(",") if d), import_bounds=args.import_bounds,
+        datasets=tuple(benchmark_names(args.datasets, data_root)), tile=args.tile, tile_overlap=args.tile_overlap,
+        import_bounds=args.import_bounds,
         compare=tuple(c for c in args.compare.split(",") if c), export_bounds=args.export_bounds, seed=args.seed,
     ), preset
 
@@ -126,7 +130,7 @@ def main():
         run_dir, run = args.resume, QuantizeConfig.load(args.resume)
         print(f"resuming {run_dir}")
     else:
-        run, preset = config_from_args(args)
+        run, preset = config_from_args(args, root)
         run_dir = args.run_dir or Path("runs") / f"x{run.scale}_w{run.bits}a{run.bits}"
         print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
     try:

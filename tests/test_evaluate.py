@@ -60,6 +60,27 @@ def test_empty_dataset_list_is_one_line(small_root):
     assert_one_line_error(result, "names no benchmark")
 
 
+def test_all_datasets_are_the_data_roots_benchmarks_in_the_papers_order(small_root, tmp_path):
+    write_image(small_root / "benchmark" / "Urban100" / "HR" / "img_001.png", np.zeros((16, 24, 3), np.uint8))
+    (small_root / "benchmark" / "Empty").mkdir()  # no HR folder: not a benchmark
+    out = tmp_path / "results.json"
+    result = evaluate_x2("--data-root", str(small_root), "--datasets", "all", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads(out.read_text())["results"]) == ["Urban100", "Small"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--datasets", "all", "--data-root", "{empty}"], "--datasets 'all' names no benchmark ({empty}/benchmark has none)"),
+    (["--tile", "16", "--tile-overlap", "16"], "the tile (16) must be larger than its overlap (16)"),
+    (["--tile", "-8"], "tile and tile overlap must be >= 0, got -8 and 32"),
+])
+def test_bad_datasets_or_tiling_is_one_line_before_any_work(args, message, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = evaluate_x2(*[a.format(empty=tmp_path / "empty") for a in args])
+    assert_one_line_error(result, message.format(empty=tmp_path / "empty"))
+    assert result.stdout == ""
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "benchmark 'Bad' not found"),
     ("too small", "Bad/HR/dot.png is 3x3, too small for x2"),
