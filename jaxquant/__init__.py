@@ -1,4 +1,4 @@
-"""jaxquant: 2DQuant (Liu et al., NeurIPS 2024) post-training quantization of SwinIR-light in JAX/Flax.
+"""jaxquant: 2DQuant (Liu et al., NeurIPS 2024) post-training quantization of SwinIR-light (and NGswin) in JAX/Flax.
 
     import jaxquant
     model = jaxquant.load_model("swinir_light_x4.pth")                    # or a checkpoint / run directory
@@ -17,11 +17,13 @@ from jaxquant.quant import (
     Bounds, QuantizedSwinIR, QuantRules, bounds_from_official, bounds_to_official, fake_quant, init_bounds,
     integer_view, list_sites, quantize,
 )
-from jaxquant.swinir import SwinIR, SwinIRConfig, config_from_params, swinir_light
+from jaxquant.models import config_from_params
+from jaxquant.ngswin import NGswin, NGswinConfig, ngswin
+from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
 
 __all__ = [
-    "Bounds", "Calibration", "DQCConfig", "Model", "QuantRules", "QuantizedSwinIR", "SwinIR", "SwinIRConfig",
+    "Bounds", "Calibration", "DQCConfig", "Model", "NGswin", "NGswinConfig", "QuantRules", "QuantizedSwinIR", "SwinIR", "SwinIRConfig",
     "bounds_from_official", "bounds_to_official", "calibrate", "config_from_params", "dobi_search", "dqc_step",
     "evaluate", "fake_quant", "init_bounds", "init_state", "integer_view", "keep_cpu_scratch", "list_sites",
-    "load_benchmarks", "load_model", "quantize", "save_model", "swinir_light",
+    "load_benchmarks", "load_model", "ngswin", "quantize", "save_model", "swinir_light",
 ]

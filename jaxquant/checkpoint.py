@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import sys
-import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
@@ -22,15 +20,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxquant import models
+from jaxquant.models import ModelConfig
 from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, nest_bounds
-from jaxquant.swinir import SwinIRConfig, check_params
 
 Params = Mapping[str, Any]
 BIT_WIDTHS = range(2, 9)  # of a quantized model, stored or configured (QuantizeConfig)
 
 
 class Model(NamedTuple):
-    config: SwinIRConfig
+    config: ModelConfig  # SwinIRConfig or NGswinConfig
     params: Params
     bounds: Mapping | None = None  # None: the FP model
 
@@ -64,40 +63,6 @@ def _bounds_from_arrays(lu: Mapping, bits: Any) -> dict:
     return nest_bounds({p: Bounds(jax.numpy.asarray(v), bits[p]) for p, v in flat.items()})
 
 
-def _config_from_json(saved: Any) -> SwinIRConfig:
-    """The config of a checkpoint's `config` item, every field there and of its type: a hand-edited one would
-    otherwise fail in the constructor with a TypeError naming no file."""
-    if not isinstance(saved, dict):
-        raise ValueError(f"config is a JSON {type(saved).__name__}, not an object")
-    fields = typing.get_type_hints(SwinIRConfig)
-    unknown, missing = sorted(set(saved) - set(fields)), sorted(set(fields) - set(saved))
-    if unknown or missing:
-        raise ValueError(f"config keys do not match SwinIRConfig (unknown: {unknown}, missing: {missing})")
-    for name, kind in fields.items():
-        if not _is_json_value_of(saved[name], kind):
-            raise ValueError(f"config {name} is {saved[name]!r}; SwinIRConfig needs {_describe_kind(kind)}")
-    try:
-        return SwinIRConfig.from_dict(saved)  # which checks how the fields go together
-    except ValueError as e:
-        raise ValueError(f"config: {e}") from None
-
-
-def _is_json_value_of(value: Any, kind: Any) -> bool:
-    """Whether JSON `value` can stand for a SwinIRConfig field of type `kind` (every number in it is positive)."""
-    if typing.get_origin(kind) is tuple:
-        return isinstance(value, list) and len(value) > 0 and all(_is_json_value_of(v, int) for v in value)
-    if kind is str:
-        return isinstance(value, str)
-    numbers = (int, float) if kind is float else (int,)
-    return isinstance(value, numbers) and not isinstance(value, bool) and 0 < value < math.inf  # not NaN either
-
-
-def _describe_kind(kind: Any) -> str:
-    if typing.get_origin(kind) is tuple:
-        return "a non-empty list of positive integers"
-    return {int: "a positive integer", float: "a positive number", str: "a string"}[kind]
-
-
 def _flatten(tree: Mapping, prefix: tuple = ()):
     for k, v in tree.items():
         if isinstance(v, Mapping):
@@ -110,7 +75,7 @@ def save_model(directory: str | Path, model: Model) -> Path:
     """Write `model` as an orbax checkpoint at `directory` (replaced if it exists)."""
     directory = Path(directory).resolve()
     items = {
-        "config": ocp.args.JsonSave(model.config.to_dict()),
+        "config": ocp.args.JsonSave(models.config_to_json(model.config)),
         "params": ocp.args.StandardSave(jax.tree.map(np.asarray, model.params)),
     }
     if model.bounds is not None:
@@ -142,8 +107,8 @@ def _restore_checkpoint(directory: Path) -> Model:
     with reading_checkpoint(directory):  # also for what the items hold, checked before anything uses them
         with _checkpointer() as ckptr:
             got = ckptr.restore(directory, ocp.args.Composite(**restore))
-        config = _config_from_json(got["config"])
-        check_params(config, got["params"])
+        config = models.config_from_json(got["config"])
+        models.check_params(config, got["params"])
         bounds = _bounds_from_arrays(got["bounds"], got["bits"]) if not missing else None
     return Model(config, got["params"], bounds)
 
@@ -183,7 +148,8 @@ def _quiet_abandoned_reads() -> None:
 
 def load_model(source: str | Path, param_key: str | None = None) -> Model:
     """A model from a `.pth` file, a model checkpoint, or a `scripts/quantize.py` run directory."""
-    from weights_convert.swinir import naming_source, torch_to_flax, unwrap_state_dict
+    from weights_convert.models import torch_to_flax
+    from weights_convert.swinir import naming_source, unwrap_state_dict
     from weights_convert.torch_pickle import load_pth
 
     path = Path(source)

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.quant import Bounds, fake_quant, true_divide
-from jaxquant.swinir import SwinIR, SwinIRConfig
+from jaxquant import models
+from jaxquant.models import ModelConfig
 
 Array = jax.Array
 Method = Literal["minmax", "percentile", "dobi"]
@@ -39,8 +40,9 @@ VMAP_ELEMENTS = 1 << 18
 
 
 def is_long_tailed(path: str) -> bool:
-    """Sites the paper searches one-sided: the softmax output and the fc2 input (post-GELU)."""
-    return path.endswith("attn/probs") or path.endswith("mlp/fc2/act")
+    """Sites the paper searches one-sided: the softmax output and the fc2 input (post-GELU; SwinIR's MLP is `mlp`,
+    NGswin's `ffn`)."""
+    return path.endswith(("attn/probs", "mlp/fc2/act", "ffn/fc2/act"))
 
 
 def candidate_bounds(lo: Array, hi: Array, num: int, one_sided: bool, step_divisor: int = 2) -> Array:
@@ -138,8 +140,8 @@ class CalibrationSite:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def calibrate(config: SwinIRConfig, calibration: Calibration, params, bounds, images: Array):
+def calibrate(config: ModelConfig, calibration: Calibration, params, bounds, images: Array):
     """One FP pass over `images` (B, H, W, C) that sets every site in `bounds` by `calibration`."""
-    model = SwinIR(config, site=CalibrationSite(calibration))
+    model = models.build(config, site=CalibrationSite(calibration))
     _, state = model.apply({"params": params, "bounds": bounds}, images, mutable=["bounds"])
     return state["bounds"]

@@ -25,7 +25,8 @@ from jax.flatten_util import ravel_pytree
 
 from jaxquant.cpu_memory import cpu_scratch_kept
 from jaxquant.quant import quantized_site
-from jaxquant.swinir import SwinIR, SwinIRConfig
+from jaxquant import models
+from jaxquant.models import ModelConfig
 
 Array = jax.Array
 LossMode = Literal["official", "paper"]
@@ -129,10 +130,11 @@ def paper_loss(out_q, out_fp, feats_q, feats_fp, feature_weight: float) -> tuple
     return sum(terms.values()), terms
 
 
-def distillation_loss(bounds, params, images: Array, config: SwinIRConfig, dqc: DQCConfig) -> tuple[Array, dict]:
+def distillation_loss(bounds, params, images: Array, config: ModelConfig, dqc: DQCConfig) -> tuple[Array, dict]:
     """Loss of the fake-quant student against the FP teacher on `images` (B, H, W, C), computed in the images'
-    dtype: float64 images (under `jax.enable_x64`) give the exact-arithmetic reference of a float32 run."""
-    model = functools.partial(SwinIR, config, dtype=images.dtype)
+    dtype: float64 images (under `jax.enable_x64`) give the exact-arithmetic reference of a float32 run. The
+    feature terms run over the model's stage features (`models`: 4 for SwinIR-light and NGswin alike)."""
+    model = functools.partial(models.build, config, dtype=images.dtype)
     out_fp, feats_fp = model().apply({"params": params}, images)
     remat, scan = dqc.block_execution()
     student = model(site=quantized_site, remat=remat, scan=scan)
@@ -156,7 +158,7 @@ def init_state(bounds, dqc: DQCConfig) -> DQCState:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
-def dqc_step(config: SwinIRConfig, dqc: DQCConfig, state: DQCState, params, images: Array):
+def dqc_step(config: ModelConfig, dqc: DQCConfig, state: DQCState, params, images: Array):
     """One Adam step on the bounds; returns the new state and the loss terms (before the update).
 
     Adam runs on the bounds raveled into one vector: the update of a site-by-site Adam (elementwise, equal

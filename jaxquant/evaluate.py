@@ -1,8 +1,9 @@
-"""Benchmark evaluation with the BasicSR / SwinIR protocol (spec section 6).
+"""Benchmark evaluation with the BasicSR / SwinIR protocol (spec section 6), each model under its own padding.
 
-Whole-image inference (the model flip-pads to a multiple of the window and crops back, as 2DQuant's
-`test()` does), output rounded to uint8, PSNR and SSIM on Y with `crop_border = scale`. Works for the FP
-model (no bounds) and the fake-quantized model alike: both are `SwinIR(config, site=quantized_site)`.
+Whole-image inference (SwinIR flip-pads to a multiple of the window and crops back, as 2DQuant's `test()` does;
+NGswin's input is padded symmetric to a multiple of 32 first, as its authors test: `models.Architecture.test_pad`),
+output rounded to uint8, PSNR and SSIM on Y with `crop_border = scale`. Works for the FP model (no bounds) and the
+fake-quantized model alike: both are `models.build(config, site=quantized_site)`.
 
 A benchmark of large images of many sizes (Urban100) is run in overlapping tiles instead, as SwinIR's
 `main_test_swinir.py --tile --tile_overlap` does: every image shape compiles its own forward, and the compiled
@@ -26,13 +27,17 @@ from tqdm import tqdm
 from jaxquant.checkpoint import Model
 from jaxquant.data import BenchmarkImage, write_image
 from jaxquant.metrics import psnr_y, ssim_y, to_uint8
+from jaxquant import models
+from jaxquant.models import ModelConfig
 from jaxquant.quant import quantized_site
-from jaxquant.swinir import SwinIR, SwinIRConfig
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(config: SwinIRConfig, variables, x):
-    return SwinIR(config, site=quantized_site).apply(variables, x)[0]
+def _forward(config: ModelConfig, variables, x):
+    """The model under its own test protocol (`models.Architecture.test_pad`), cropped to scale x the input."""
+    _, h, w, _ = x.shape
+    out = models.build(config, site=quantized_site).apply(variables, models.architecture(config).test_pad(config, x))[0]
+    return out[:, : h * config.upscale, : w * config.upscale]
 
 
 def variables(model: Model) -> dict:

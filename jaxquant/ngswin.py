@@ -462,6 +462,44 @@ def param_shapes(config: NGswinConfig) -> dict[str, tuple[int, ...]]:
     return _leaf_shapes(jax.eval_shape(NGswin(config).init, jax.random.PRNGKey(0), x)["params"])
 
 
+def config_from_params(params: Mapping) -> NGswinConfig:
+    """The config NGswin `params` were made with, read off their names and shapes; a tree that is not NGswin's
+    gets a one-line ValueError naming what does not fit."""
+    flat = _leaf_shapes(params) if isinstance(params, Mapping) else {}
+
+    def shape(path: str, rank: int) -> tuple[int, ...]:
+        if path not in flat:
+            raise ValueError(f"not NGswin params: no {path}")
+        if len(flat[path]) != rank:
+            raise ValueError(f"not NGswin params: {path} has shape {flat[path]}, not {rank} dimensions")
+        return flat[path]
+
+    def depth(stage: str) -> int:
+        return len({p.split("/")[1] for p in flat if p.startswith(f"{stage}/blocks_")})
+
+    def heads_and_window(path: str) -> tuple[int, int]:
+        rows, heads = shape(path, 2)
+        return heads, (math.isqrt(rows) + 1) // 2
+
+    stages = []
+    while f"encoder_layer{len(stages) + 1}/blocks_0/attn/logit_scale" in flat:
+        stages.append(f"encoder_layer{len(stages) + 1}")
+    names = [*stages, "decoder_layer1"]
+    ngram = "ngram_window_partition/ngram_context/ngram_attn/relative_position_bias_table"
+    attention = [heads_and_window(f"{n}/blocks_0/attn/relative_position_bias_table") for n in names]
+    in_chans, embed_dim = shape("shallow_extract/kernel", 4)[2:]
+    out_chans = shape("to_target/before_shuffle/kernel", 4)[3]
+    config = NGswinConfig(
+        upscale=math.isqrt(out_chans // in_chans), in_chans=in_chans, embed_dim=embed_dim,
+        depths=tuple(depth(n) for n in stages), num_heads=tuple(h for h, _ in attention[:-1]),
+        dec_depth=depth("decoder_layer1"), dec_num_heads=attention[-1][0],
+        ngrams=tuple(heads_and_window(f"{n}/blocks_0/{ngram}")[1] for n in names), window_size=attention[0][1],
+        mlp_ratio=shape(f"{names[0]}/blocks_0/ffn/fc1/kernel", 2)[1] / embed_dim,
+    )
+    check_params(config, params)  # the few shapes read above set the config; every other one must fit it
+    return config
+
+
 def check_params(config: NGswinConfig, params: Mapping) -> None:
     """A one-line ValueError unless every param has the shape `config` implies, none missing or extra."""
     saved, expected = _leaf_shapes(params), param_shapes(config)

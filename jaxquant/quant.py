@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxquant.swinir import SwinIR, SwinIRConfig, check_params, config_from_params
+from jaxquant import models
+from jaxquant.models import ModelConfig
 
 Array = jax.Array
 
@@ -161,13 +162,14 @@ def _recording_site(module: nn.Module, name: str, x: Array) -> Array:
     return x
 
 
-def list_sites(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
-    """Every quantization site of SwinIR under `config`: '/'-joined path -> tensor shape (for a 16x16 input)."""
-    size = 2 * config.window_size
+def list_sites(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every quantization site of the model under `config`: '/'-joined path -> tensor shape (for a small input:
+    16x16 for SwinIR-light, 32x32 for NGswin)."""
+    size = models.architecture(config).probe_size(config)
     x = jax.ShapeDtypeStruct((1, size, size, config.in_chans), jnp.float32)
 
     def run(x):
-        model = SwinIR(config, site=_recording_site)
+        model = models.build(config, site=_recording_site)
         params = model.init(jax.random.PRNGKey(0), x)["params"]
         return model.apply({"params": params}, x, mutable=["sites"])[1]["sites"]
 
@@ -200,7 +202,7 @@ class QuantRules:
         raise ValueError(f"no quantization rule covers site {path!r}")
 
 
-def init_bounds(config: SwinIRConfig, rules: QuantRules, fill=(-1.0, 1.0)) -> dict:
+def init_bounds(config: ModelConfig, rules: QuantRules, fill=(-1.0, 1.0)) -> dict:
     """A bounds pytree with one `Bounds` per quantized site (values `fill`, to be calibrated)."""
     flat = {}
     for path in list_sites(config):
@@ -255,7 +257,7 @@ def bounds_to_official(bounds: Mapping) -> dict[str, list[float]]:
     return {official_name(p): [float(v) for v in np.asarray(b.lu)] for p, b in flat_bounds(bounds).items()}
 
 
-def bounds_from_official(named: Mapping[str, Iterable[float]], config: SwinIRConfig, bits: int) -> dict:
+def bounds_from_official(named: Mapping[str, Iterable[float]], config: ModelConfig, bits: int) -> dict:
     """Bounds from `{official quantizer name: [l, u]}`; every name must be a site of `config`."""
     sites = list_sites(config)
     flat = {}
@@ -279,15 +281,16 @@ def bounds_from_official(named: Mapping[str, Iterable[float]], config: SwinIRCon
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedSwinIR:
-    """SwinIR with fake-quantized sites, run from plain pytrees: `y = QuantizedSwinIR(cfg, params, bounds)(x)`."""
+    """A model (SwinIR or NGswin) with fake-quantized sites, run from plain pytrees:
+    `y = QuantizedSwinIR(cfg, params, bounds)(x)`."""
 
-    config: SwinIRConfig
+    config: ModelConfig
     params: Mapping
     bounds: Mapping
 
     @property
-    def module(self) -> SwinIR:
-        return SwinIR(self.config, site=quantized_site)
+    def module(self) -> nn.Module:
+        return models.build(self.config, site=quantized_site)
 
     @property
     def variables(self) -> dict:
@@ -299,18 +302,18 @@ class QuantizedSwinIR:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply_quantized(config: SwinIRConfig, variables, x):
-    return SwinIR(config, site=quantized_site).apply(variables, x)[0]
+def _apply_quantized(config: ModelConfig, variables, x):
+    return models.build(config, site=quantized_site).apply(variables, x)[0]
 
 
-def quantize(params: Mapping, bounds: Mapping, config: SwinIRConfig | None = None) -> QuantizedSwinIR:
+def quantize(params: Mapping, bounds: Mapping, config: ModelConfig | None = None) -> QuantizedSwinIR:
     """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site. Without
-    `config`, the architecture is read off the params (`swinir.config_from_params`); either way every param must
+    `config`, the architecture is read off the params (`models.config_from_params`); either way every param must
     have the shape the config implies."""
     if config is None:
-        config = config_from_params(params)  # which checks the params against what it reads
+        config = models.config_from_params(params)  # which checks the params against what it reads
     else:
-        check_params(config, params)
+        models.check_params(config, params)
     validate_bounds(bounds)
     unknown = set(flat_bounds(bounds)) - set(list_sites(config))
     if unknown:

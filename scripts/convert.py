@@ -1,4 +1,4 @@
-"""Convert an official SwinIR `.pth` into a jaxquant model checkpoint.
+"""Convert a SwinIR (official layout) or NGswin (its authors' layout) `.pth` into a jaxquant model checkpoint.
 
     python scripts/convert.py ../shared/data/weights/swinir_light_x2_t291.pth -o checkpoints/x2
 """
@@ -11,13 +11,13 @@ import jax
 from jaxquant.checkpoint import load_model, save_model
 from jaxquant.cli import main_guard
 from jaxquant.data import check_output_path
-from jaxquant.swinir import describe
+from jaxquant.models import describe
 
 
 @main_guard
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pth", type=Path, help="PyTorch SwinIR weights (.pth)")
+    parser.add_argument("pth", type=Path, help="PyTorch SwinIR or NGswin weights (.pth; the architecture is read off the keys)")
     parser.add_argument("-o", "--out", type=Path, help="checkpoint directory (default: checkpoints/<file stem>)")
     parser.add_argument("--param-key", help="entry holding the state dict (default: params, then params_ema)")
     args = parser.parse_args()

@@ -13,7 +13,7 @@ from jaxquant.cli import add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import benchmark_names, check_output_path, load_benchmarks, resolve_data_root
 from jaxquant.evaluate import Tiling, evaluate, results_table
-from jaxquant.swinir import describe
+from jaxquant.models import describe
 
 
 def check_outputs(out: Path | None, images_dir: Path | None, datasets: list[str]) -> None:

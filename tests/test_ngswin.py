@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT, GOLDEN_DIR, nchw, nhwc, require
+from jaxquant.checkpoint import load_model, save_model
 from jaxquant.data import load_benchmark
-from jaxquant.metrics import psnr_y, to_uint8
+from jaxquant.dobi import Calibration, calibrate
+from jaxquant.evaluate import evaluate
+from jaxquant.quant import QuantRules, init_bounds, list_sites, quantize
 from jaxquant.ngswin import (
-    NGswin, NGswinConfig, check_params, ngswin, param_shapes, sequential_pad_indices, symmetric_pad,
+    NGswin, NGswinConfig, check_params, config_from_params, ngswin, param_shapes, sequential_pad_indices,
 )
 from jaxquant.swinir import shifted_window_mask
 from weights_convert.ngswin import ConversionError, expected_buffers, flax_to_torch, torch_to_flax
@@ -30,6 +33,11 @@ def state_dict():
 @pytest.fixture(scope="module")
 def converted(state_dict):
     return torch_to_flax(state_dict)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(require(WEIGHTS))  # the architecture read off the keys
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +61,13 @@ def test_fp_output_matches_authors(crop, forward):
     assert err <= 1e-4, f"crop_{crop}: max abs error {err:.3g}"
 
 
-def test_set5_psnr_under_authors_protocol(forward):
-    """LR padded symmetric to a multiple of 32 before the model, output cropped, uint8, Y, border 2: the authors'
-    code measured 38.046 dB (golden JSON, per image too)."""
+def test_set5_psnr_under_authors_protocol(model):
+    """`jaxquant.evaluate` runs NGswin under its authors' protocol (LR padded symmetric to a multiple of 32 before
+    the model, output cropped, uint8, Y, border 2): their code measured 38.046 dB (golden JSON, per image too)."""
     meta = json.loads(require(GOLDEN_DIR / "ngswin_x2.json").read_text())
-    psnrs = []
-    for image in load_benchmark(DATA_ROOT, "Set5", 2):
-        h, w, _ = image.lr.shape
-        sr = forward(symmetric_pad(jnp.asarray(image.lr, jnp.float32)[None] / 255.0, 32))[0, : 2 * h, : 2 * w]
-        psnrs.append(psnr_y(to_uint8(np.asarray(sr)), image.hr, 2))
-    np.testing.assert_allclose(psnrs, meta["set5_per_image"], atol=0.01)
-    assert abs(np.mean(psnrs) - meta["set5_y_psnr"]) <= 0.01, f"Set5 {np.mean(psnrs):.4f} dB"
+    set5 = evaluate(model, {"Set5": load_benchmark(DATA_ROOT, "Set5", 2)}, show_progress=False)["Set5"]
+    np.testing.assert_allclose([r["psnr"] for r in set5["images"].values()], meta["set5_per_image"], atol=0.01)
+    assert abs(set5["psnr"] - meta["set5_y_psnr"]) <= 0.01, f"Set5 {set5['psnr']:.4f} dB"
 
 
 def test_sequential_pad_indices():
@@ -131,3 +135,36 @@ def test_params_are_checked_against_the_config(converted):
 def test_config_rejects_unsupported_scale():
     with pytest.raises(ValueError, match="scales"):
         NGswinConfig(upscale=8)
+
+
+def test_sites_follow_2dquants_rule():
+    """28 sites a block (spec section 9): both attentions' q, k, v and proj linears (input and weight), their
+    normalised q and k, softmax output and v; the MLP's fc1 and fc2. 20 blocks: 560, 200 of them weights."""
+    sites = list_sites(ngswin(2))
+    assert len(sites) == 560 and sum(path.endswith("/weight") for path in sites) == 200
+    block = sorted(p.removeprefix("encoder_layer2/blocks_3/") for p in sites if p.startswith("encoder_layer2/blocks_3/"))
+    attention = ["k", "probs", "proj/act", "proj/weight", "q_scaled", *(f"qkv/{n}/{s}" for n in "kqv" for s in ("act", "weight")), "v"]
+    context = "ngram_window_partition/ngram_context/ngram_attn/"
+    assert block == sorted([*(f"attn/{a}" for a in attention), "ffn/fc1/act", "ffn/fc1/weight", "ffn/fc2/act",
+                            "ffn/fc2/weight", *(context + a for a in attention)])
+
+
+def test_checkpoint_keeps_the_architecture(model, tmp_path):
+    bounds = init_bounds(model.config, QuantRules.uniform(4))
+    loaded = load_model(save_model(tmp_path / "ngswin", model._replace(bounds=bounds)))
+    assert loaded.config == model.config and config_from_params(loaded.params) == model.config
+    assert set(jax.tree.leaves(jax.tree.map(lambda b: b.bits, loaded.bounds, is_leaf=lambda b: hasattr(b, "bits")))) == {4}
+
+
+def test_dobi_beats_minmax_on_ngswin(model):
+    """W4A4 calibrated on one 32x32 LR patch of Set5's butterfly, judged on another: DOBI's output is closer to
+    FP than MinMax's (the rule 2DQuant's paper rests on)."""
+    lr = jnp.asarray(load_benchmark(DATA_ROOT, "Set5", 2)[2].lr, jnp.float32) / 255.0
+    calib, held_out = lr[None, 0:32, 0:32], lr[None, 64:96, 64:96]
+    start = init_bounds(model.config, QuantRules.uniform(4))
+    fp = NGswin(model.config).apply({"params": model.params}, held_out)[0]
+    errors = {}
+    for method in ("minmax", "dobi"):
+        bounds = calibrate(model.config, Calibration(method=method), model.params, start, calib)
+        errors[method] = float(jnp.mean(jnp.abs(quantize(model.params, bounds, model.config)(held_out) - fp)))
+    assert errors["dobi"] < errors["minmax"], errors
