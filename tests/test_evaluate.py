@@ -2,6 +2,7 @@
 evaluate.py and summarize.py refuse bad input in one line, before any work they would lose."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -131,36 +132,87 @@ def write_run(run_dir, results):
     return run_dir
 
 
-def quantize_results(bits, psnr, seed=0, dqc=0.0):
-    """A run's results: FP at `psnr`, DOBI 0.5 dB below, and DQC (if `dqc` is not None) `dqc` dB above DOBI."""
-    scores = lambda psnr: {"Set5": {"psnr": psnr, "ssim": 0.9}}
-    stages = {"FP": scores(psnr), "DOBI-official": scores(psnr - 0.5)}
-    if dqc is not None:
-        stages["DQC"] = scores(psnr - 0.5 + dqc)
-    return {"config": {"scale": 2, "bits": bits, "seed": seed}, "results": stages,
-            "dqc": None if dqc is None else {"best_step": 80}}
+def quantize_results(scale, bits, seed=0, dqc=True, datasets=("Set5", "Urban100")):
+    """A run's results with made-up scores: PSNR a base per stage, minus bits / scale and 2 dB per dataset
+    further in the list, plus bits / 2 for a quantized stage and 0.2 dB per seed; SSIM PSNR / 50."""
+    base = {"FP": 30.0, "MinMax": 27.0, "DOBI-official": 28.0, "DQC": 29.0}
+    stages = [stage for stage in base if dqc or stage != "DQC"]
+    score = lambda psnr: {"psnr": psnr, "ssim": psnr / 50}
+    results = {stage: {d: score(base[stage] - bits / scale - 2 * i + (stage != "FP") * bits / 2 + 0.2 * seed)
+                       for i, d in enumerate(datasets)} for stage in stages}
+    return {"config": {"scale": scale, "bits": bits, "seed": seed}, "results": results,
+            "dqc": {"best_step": 80} if dqc else None}
 
 
-def test_summarize_tabulates_runs(tmp_path):
-    runs = [write_run(tmp_path / f"w{b}", quantize_results(b, 30.0 + b, dqc=0.25)) for b in (4, 3)]
-    result = run_script("scripts/summarize.py", *map(str, runs), "--out", str(tmp_path / "table.md"))
+@pytest.fixture
+def table3_runs(tmp_path):
+    """x4 W2 twice (seeds 0 and 1, the second without Urban100), x4 W4 without DQC, x2 W3."""
+    runs = {"x4_w2_s0": quantize_results(4, 2), "x4_w2_s1": quantize_results(4, 2, seed=1, datasets=("Set5",)),
+            "x4_w4": quantize_results(4, 4, dqc=False), "x2_w3": quantize_results(2, 3)}
+    return [write_run(tmp_path / name, results) for name, results in runs.items()]
+
+
+def test_summarize_prints_table3_by_scale_bits_and_method(table3_runs, tmp_path):
+    result = run_script("scripts/summarize.py", *map(str, table3_runs), "--out", str(tmp_path / "table.md"))
     assert result.returncode == 0, result.stderr
-    assert "| x2 W3A3 | 33.000 / 0.9000 | 32.500 / 0.9000 | 32.750 / 0.9000 | 80 | +0.250 dB |" in result.stdout
+    # x4 FP, Set5: the mean of 29.5 and 29.7 (W2, seeds 0 and 1) and 29.0 (W4); Urban100: of 27.5 and 27.0.
+    assert result.stdout.splitlines() == [
+        "| Scale | Method | W/A | Set5 PSNR / SSIM | Urban100 PSNR / SSIM | runs |",
+        "|---|---|---|---|---|---|",
+        "| x2 | FP | 32/32 | 28.500 / 0.5700 | 26.500 / 0.5300 | 1 |",
+        "| x2 | MinMax | 3/3 | 27.000 / 0.5400 | 25.000 / 0.5000 | 1 |",
+        "| x2 | DOBI-official | 3/3 | 28.000 / 0.5600 | 26.000 / 0.5200 | 1 |",
+        "| x2 | DQC | 3/3 | 29.000 / 0.5800 | 27.000 / 0.5400 | 1 |",
+        "| x4 | FP | 32/32 | 29.400 / 0.5880 | 27.250 / 0.5450 (2 of 3) | 3 |",
+        "| x4 | MinMax | 4/4 | 28.000 / 0.5600 | 26.000 / 0.5200 | 1 |",
+        "| x4 | DOBI-official | 4/4 | 29.000 / 0.5800 | 27.000 / 0.5400 | 1 |",
+        "| x4 | MinMax | 2/2 | 27.600 / 0.5520 | 25.500 / 0.5100 (1 of 2) | 2 |",
+        "| x4 | DOBI-official | 2/2 | 28.600 / 0.5720 | 26.500 / 0.5300 (1 of 2) | 2 |",
+        "| x4 | DQC | 2/2 | 29.600 / 0.5920 | 27.500 / 0.5500 (1 of 2) | 2 |",
+    ]
     assert (tmp_path / "table.md").read_text() == result.stdout
 
 
-def test_summarize_names_seeds_where_runs_repeat_a_setting(tmp_path):
-    runs = [write_run(tmp_path / f"s{seed}", quantize_results(4, 30.0, seed, dqc)) for seed, dqc in
-            [(0, -0.125), (1, None)]]
-    result = run_script("scripts/summarize.py", *map(str, runs))
+def test_summarize_columns_follow_datasets(table3_runs):
+    result = run_script("scripts/summarize.py", *map(str, table3_runs[2:]), "--datasets", "Urban100")
     assert result.returncode == 0, result.stderr
-    rows = result.stdout.splitlines()[2:]
-    assert rows == ["| x2 W4A4 seed 0 | 30.000 / 0.9000 | 29.500 / 0.9000 | 29.375 / 0.9000 | 80 | -0.125 dB |",
-                    "| x2 W4A4 seed 1 | 30.000 / 0.9000 | 29.500 / 0.9000 | - | - | - |"]
+    assert result.stdout.splitlines()[:4] == ["| Scale | Method | W/A | Urban100 PSNR / SSIM | runs |",
+                                              "|---|---|---|---|---|",
+                                              "| x2 | FP | 32/32 | 26.500 / 0.5300 | 1 |",
+                                              "| x2 | MinMax | 3/3 | 25.000 / 0.5000 | 1 |"]
+    result = run_script("scripts/summarize.py", *map(str, table3_runs), "--datasets", "Set5,B100")
+    assert_one_line_error(result, "no run has B100 results (they have Set5, Urban100)")
+
+
+def latex_width(row: str) -> int:
+    r"""Columns a LaTeX table row spans: one per cell, a \multicolumn{n} n."""
+    return sum(int(re.match(r"\s*\\multicolumn\{(\d+)\}", cell).group(1)) if "\\multicolumn" in cell else 1
+               for cell in row.split("&"))
+
+
+def test_summarize_latex_is_balanced_and_json_holds_the_rows(table3_runs):
+    latex = run_script("scripts/summarize.py", *map(str, table3_runs), "--latex")
+    assert latex.returncode == 0, latex.stderr
+    lines = latex.stdout.splitlines()
+    assert lines[0] == r"\begin{tabular}{llccccc}" and lines[-1] == r"\end{tabular}"
+    rows = [line for line in lines if line.endswith(r" \\")]
+    assert len(rows) == 2 + 10 and all(line.count(r"\\") == 1 for line in lines if r"\\" in line)
+    assert [latex_width(row) for row in rows] == [7] * 12, rows  # Scale, Method, W/A, 2 x (PSNR, SSIM)
+    assert r"$\times$4 & FP & 32/32 & 29.400 & 0.5880 & 27.250 & 0.5450 (2 of 3) \\" in rows
+    assert lines.count(r"\midrule") == 2  # under the header and between the scales
+    assert latex.stdout.count("{") == latex.stdout.count("}")
+    result = run_script("scripts/summarize.py", *map(str, table3_runs), "--json")
+    rows = json.loads(result.stdout)
+    assert rows[4] == {"scale": 4, "method": "FP", "bits": None, "runs": 3, "results": {
+        "Set5": {"psnr": pytest.approx(29.4), "ssim": pytest.approx(0.588), "runs": 3},
+        "Urban100": {"psnr": pytest.approx(27.25), "ssim": pytest.approx(0.545), "runs": 2}}}
+    assert [(r["scale"], r["method"], r["bits"]) for r in rows] == [
+        (2, "FP", None), *[(2, m, 3) for m in ("MinMax", "DOBI-official", "DQC")],
+        (4, "FP", None), (4, "MinMax", 4), (4, "DOBI-official", 4), *[(4, m, 2) for m in ("MinMax", "DOBI-official", "DQC")]]
 
 
 def scores_of(cell):
-    return {"config": {"scale": 2, "bits": 4}, "results": {"FP": {"Set14": cell}}}
+    return {"config": {"scale": 2, "bits": 4}, "results": {"FP": {"Set14": cell}}, "dqc": None}
 
 
 @pytest.mark.parametrize("results, message", [
@@ -169,7 +221,7 @@ def scores_of(cell):
     pytest.param("[1, 2]", "run/results.json: expected a JSON object, got list", id="a list"),
     pytest.param({"set5_psnr_y": 30.0, "config": {"scale": 2}}, "run/results.json: not a quantize run's results",
                  id="training run"),
-    pytest.param(quantize_results(4, 30.0), "run/results.json: no Set14 results (has Set5)", id="no Set14"),
+    pytest.param(quantize_results(2, 4), "no run has Set14 results (they have Set5, Urban100)", id="no Set14"),
     pytest.param(scores_of(5), "run/results.json: FP Set14 is not a numeric psnr and ssim: 5", id="a number"),
     pytest.param(scores_of({"psnr": "30", "ssim": 0.9}), "run/results.json: FP Set14 is not a numeric psnr",
                  id="a string psnr"),
@@ -182,18 +234,18 @@ def scores_of(cell):
 def test_summarize_refuses_what_is_not_a_finished_quantize_run(results, message, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir() if results is None else write_run(run_dir, results)
-    result = run_script(str(REPO / "scripts" / "summarize.py"), "run", "--dataset", "Set14", cwd=tmp_path)
+    result = run_script(str(REPO / "scripts" / "summarize.py"), "run", "--datasets", "Set14", cwd=tmp_path)
     assert_one_line_error(result, message)
 
 
 def test_summarize_refuses_a_folder_as_out(tmp_path):
-    run_dir = write_run(tmp_path / "run", quantize_results(4, 30.0))
+    run_dir = write_run(tmp_path / "run", quantize_results(2, 4))
     result = run_script("scripts/summarize.py", str(run_dir), "--out", str(tmp_path))
     assert_one_line_error(result, f"{tmp_path} is a folder, not a file")
 
 
 def test_summarize_refuses_to_overwrite_a_file(tmp_path):
-    run_dir = write_run(tmp_path / "run", quantize_results(4, 30.0))
+    run_dir = write_run(tmp_path / "run", quantize_results(2, 4))
     before = (run_dir / "results.json").read_text()
     result = run_script("scripts/summarize.py", str(run_dir), "--out", str(run_dir / "results.json"))
     assert_one_line_error(result, f"{run_dir / 'results.json'} exists; choose another path or remove it")
