@@ -388,7 +388,8 @@ class SCDPBottleneck(nn.Module):
         pooled, parts = shallow, []
         for i, out in enumerate(stage_outputs):  # stage i at 1/2^i resolution, shuffled back by 2^i
             side = (h >> i, w >> i)
-            parts.append(pixel_shuffle((out + nn.leaky_relu(pooled, 0.01).reshape(b, -1, d)).reshape(b, *side, d), 2**i))
+            out = out + nn.leaky_relu(pooled, 0.01).reshape(b, -1, d)
+            parts.append(pixel_shuffle(out.reshape(b, *side, d), 2**i))
             pooled = max_pool2(pooled)
         x = jnp.concatenate(parts, axis=-1)  # (B, H, W, sum of D/4^i)
         x = nn.Conv(x.shape[-1], (3, 3), padding=1, feature_group_count=x.shape[-1], dtype=self.dtype,
@@ -413,8 +414,9 @@ class NGswin(nn.Module):
     """NGswin for super-resolution. Input (B, H, W, 3) in [0, 1], any H and W; output (B, sH, sW, 3), raw (not
     clamped), as the authors' forward returns it.
 
-    Returns `(output, stage_features)`: the three encoder stage outputs and the decoder stage output, shaped
-    (B, H'*W' / 4^i, embed_dim) with H', W' the input zero-padded to a multiple of `config.pad_unit`. `remat`
+    Returns `(output, stage_features)`: the three encoder stage outputs, shaped (B, H'*W' / 4^i, embed_dim) for
+    stage i, and the decoder stage output, (B, H'*W', embed_dim), with H', W' the input zero-padded to a multiple
+    of `config.pad_unit`. `remat`
     and `scan` run the blocks as SwinIR's do (`swinir.run_blocks`).
     """
 

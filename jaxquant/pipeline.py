@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import models
 from jaxquant.checkpoint import BIT_WIDTHS, Model, load_model, save_model
 from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, list_images, load_benchmark,
                            load_benchmarks, read_image)
@@ -47,6 +48,9 @@ PRESETS = {
     "quick": DQCConfig(steps=160, batch=4, patch=32),
 }
 VALIDATE_EVERY = {"paper": 100, "quick": 40}
+# Where a model's preset differs from SwinIR-light's. NGswin's DQC step costs ~9x SwinIR-light's on a CPU (20
+# blocks of two attentions each; benchmarks/README.md), so its `quick` takes fewer steps to stay within 15 minutes.
+MODEL_PRESETS = {"ngswin": {"quick": DQCConfig(steps=80, batch=4, patch=32)}}
 CONFIG_FILE = "run_config.json"
 RUN_KIND = "quantize run"
 CALIB_PATCHES = {"paper": (32, 64), "quick": (8, 64)}  # (count, size) sampled from a calibration folder
@@ -61,6 +65,16 @@ class Init(NamedTuple):
 INITS = {"minmax": Init("minmax", "official", "MinMax"), "percentile": Init("percentile", "official", "Percentile"),
          "dobi-official": Init("dobi", "official", "DOBI-official"), "dobi-paper": Init("dobi", "paper", "DOBI-paper"),
          "dobi-official-one-sided": Init("dobi", "official-one-sided", "DOBI-official-one-sided")}
+
+
+def preset(name: str, architecture: str) -> DQCConfig:
+    """The DQC settings of preset `name` for a model of `architecture` (`models.Architecture.name`)."""
+    return MODEL_PRESETS.get(architecture, {}).get(name, PRESETS[name])
+
+
+def architecture_of(model: str | None) -> str:
+    """The architecture of a model source (a .pth, checkpoint or run directory; None: the default SwinIR-light)."""
+    return "swinir" if model is None else models.architecture(load_model(model).config).name
 
 
 def default_preset() -> str:

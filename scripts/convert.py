@@ -17,7 +17,8 @@ from jaxquant.models import describe
 @main_guard
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pth", type=Path, help="PyTorch SwinIR or NGswin weights (.pth; the architecture is read off the keys)")
+    parser.add_argument("pth", type=Path, help="PyTorch SwinIR or NGswin weights (.pth; the architecture is read "
+                        "off the keys)")
     parser.add_argument("-o", "--out", type=Path, help="checkpoint directory (default: checkpoints/<file stem>)")
     parser.add_argument("--param-key", help="entry holding the state dict (default: params, then params_ema)")
     args = parser.parse_args()

@@ -1,8 +1,10 @@
-"""Quantize SwinIR-light with 2DQuant: calibrate the bounds (DOBI by default), distill them (DQC), evaluate.
+"""Quantize SwinIR-light or NGswin with 2DQuant: calibrate the bounds (DOBI by default), distill them (DQC),
+evaluate.
 
     python scripts/quantize.py --bits 2                   # x4 t291 model, DOBI + DQC, Set5, runs/x4_w2a2
     python scripts/quantize.py --bits 4 --scale 2 --no-dqc --method minmax
     python scripts/quantize.py --resume runs/x4_w2a2      # continue a killed run where it stopped
+    python scripts/quantize.py --model ../shared/data/weights/ngswin_x2.pth --scale 2 --bits 2   # NGswin (docs/ngswin.md)
     python scripts/quantize.py --bits 2 --preset paper --loss paper --b2 0.999 --cosine --steps 3000 --batch 32
                                                           # the paper's DQC settings (the preset: the official code's)
 """
@@ -19,7 +21,8 @@ from jaxquant.dobi import Strategy
 from jaxquant.data import benchmark_names, resolve_data_root
 from jaxquant.evaluate import results_table
 from jaxquant.pipeline import (
-    CALIB_PATCHES, CONFIG_FILE, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, default_preset, quantize_run,
+    CALIB_PATCHES, CONFIG_FILE, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, architecture_of, default_preset,
+    quantize_run, preset as preset_of,
 )
 from jaxquant.runs import interrupted_run
 
@@ -55,7 +58,8 @@ def parse_args():
                                 allow_abbrev=False)
     p.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="weight and activation bits (W=A)")
     p.add_argument("--scale", type=int, choices=(2, 3, 4), default=4)
-    p.add_argument("--model", help="checkpoint or .pth (default: <data root>/weights/swinir_light_x<scale>_t291.pth)")
+    p.add_argument("--model", help="checkpoint, run directory or .pth, SwinIR or NGswin (read off the "
+                   "keys) (default: <data root>/weights/swinir_light_x<scale>_t291.pth)")
     p.add_argument("--method", choices=("minmax", "percentile", "dobi"), default="dobi", help="bound initialisation")
     p.add_argument("--dobi-strategy", choices=get_args(Strategy), default="official", help="official: symmetric "
                    "candidates at every site (the official code); paper: one-sided at the softmax output and fc2 "
@@ -109,7 +113,8 @@ def config_from_args(args, data_root: Path) -> tuple[QuantizeConfig, str | None]
     if preset:
         overridable = ("steps", "batch", "lr", "b2", "cosine", "remat", "scan")
         overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
-        dqc = dataclasses.replace(PRESETS[preset], loss=args.loss, feature_weight=args.feature_weight, **overrides)
+        dqc = dataclasses.replace(preset_of(preset, architecture_of(args.model)), loss=args.loss,
+                                  feature_weight=args.feature_weight, **overrides)
     count, size = CALIB_PATCHES[preset or "paper"]
     every = VALIDATE_EVERY[preset or "paper"]
     return QuantizeConfig(

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import DATA_ROOT, GOLDEN_DIR, nchw, nhwc, require
+from test_convert import run_script
 from jaxquant.checkpoint import load_model, save_model
 from jaxquant.data import load_benchmark
 from jaxquant.dobi import Calibration, calibrate
 from jaxquant.evaluate import evaluate
-from jaxquant.quant import QuantRules, init_bounds, list_sites, quantize
+from jaxquant.pipeline import PRESETS, architecture_of, preset
+from jaxquant.quant import QuantRules, flat_bounds, init_bounds, list_sites, quantize
 from jaxquant.ngswin import (
     NGswin, NGswinConfig, check_params, config_from_params, ngswin, param_shapes, sequential_pad_indices,
 )
@@ -142,8 +144,10 @@ def test_sites_follow_2dquants_rule():
     normalised q and k, softmax output and v; the MLP's fc1 and fc2. 20 blocks: 560, 200 of them weights."""
     sites = list_sites(ngswin(2))
     assert len(sites) == 560 and sum(path.endswith("/weight") for path in sites) == 200
-    block = sorted(p.removeprefix("encoder_layer2/blocks_3/") for p in sites if p.startswith("encoder_layer2/blocks_3/"))
-    attention = ["k", "probs", "proj/act", "proj/weight", "q_scaled", *(f"qkv/{n}/{s}" for n in "kqv" for s in ("act", "weight")), "v"]
+    prefix = "encoder_layer2/blocks_3/"
+    block = sorted(p.removeprefix(prefix) for p in sites if p.startswith(prefix))
+    linears = [f"{name}/{site}" for name in ("proj", "qkv/k", "qkv/q", "qkv/v") for site in ("act", "weight")]
+    attention = ["k", "probs", "q_scaled", "v", *linears]
     context = "ngram_window_partition/ngram_context/ngram_attn/"
     assert block == sorted([*(f"attn/{a}" for a in attention), "ffn/fc1/act", "ffn/fc1/weight", "ffn/fc2/act",
                             "ffn/fc2/weight", *(context + a for a in attention)])
@@ -153,7 +157,7 @@ def test_checkpoint_keeps_the_architecture(model, tmp_path):
     bounds = init_bounds(model.config, QuantRules.uniform(4))
     loaded = load_model(save_model(tmp_path / "ngswin", model._replace(bounds=bounds)))
     assert loaded.config == model.config and config_from_params(loaded.params) == model.config
-    assert set(jax.tree.leaves(jax.tree.map(lambda b: b.bits, loaded.bounds, is_leaf=lambda b: hasattr(b, "bits")))) == {4}
+    assert {b.bits for b in flat_bounds(loaded.bounds).values()} == {4}
 
 
 def test_dobi_beats_minmax_on_ngswin(model):
@@ -168,3 +172,13 @@ def test_dobi_beats_minmax_on_ngswin(model):
         bounds = calibrate(model.config, Calibration(method=method), model.params, start, calib)
         errors[method] = float(jnp.mean(jnp.abs(quantize(model.params, bounds, model.config)(held_out) - fp)))
     assert errors["dobi"] < errors["minmax"], errors
+
+
+def test_scripts_need_no_model_flag(tmp_path):
+    """convert.py recognises NGswin from the keys; quantize.py picks NGswin's presets from the model source."""
+    result = run_script("scripts/convert.py", str(require(WEIGHTS)), "-o", str(tmp_path / "ckpt"))
+    assert result.returncode == 0, result.stderr
+    described = "NGswin x2 (embed_dim 64, encoder depths [6, 4, 4], decoder depth 6, window 8)"
+    assert f"{described}, 998,384 parameters" in result.stdout
+    assert architecture_of(str(tmp_path / "ckpt")) == "ngswin" and architecture_of(None) == "swinir"
+    assert preset("quick", "ngswin") != preset("quick", "swinir") == PRESETS["quick"]
