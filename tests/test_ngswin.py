@@ -175,10 +175,15 @@ def test_dobi_beats_minmax_on_ngswin(model):
 
 
 def test_scripts_need_no_model_flag(tmp_path):
-    """convert.py recognises NGswin from the keys; quantize.py picks NGswin's presets from the model source."""
+    """convert.py recognises NGswin from the keys, export.py writes it back in the authors' layout, quantize.py
+    picks NGswin's presets from the model source."""
     result = run_script("scripts/convert.py", str(require(WEIGHTS)), "-o", str(tmp_path / "ckpt"))
     assert result.returncode == 0, result.stderr
     described = "NGswin x2 (embed_dim 64, encoder depths [6, 4, 4], decoder depth 6, window 8)"
     assert f"{described}, 998,384 parameters" in result.stdout
     assert architecture_of(str(tmp_path / "ckpt")) == "ngswin" and architecture_of(None) == "swinir"
+    result = run_script("scripts/export.py", str(tmp_path / "ckpt"), "-o", str(tmp_path / "back.pth"))
+    assert result.returncode == 0, result.stderr
+    back, original = load_pth(tmp_path / "back.pth"), load_pth(WEIGHTS)  # a bare state dict, as the authors'
+    assert list(back) == list(original) and all(np.array_equal(back[k], v) for k, v in original.items())
     assert preset("quick", "ngswin") != preset("quick", "swinir") == PRESETS["quick"]
