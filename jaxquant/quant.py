@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from typing import Iterable, Mapping
 
@@ -134,11 +135,13 @@ _quantize_dequantize.defvjp(_quantize_dequantize_fwd, _quantize_dequantize_bwd)
 
 def integer_view(x: Array, lu: Array, bits: int) -> tuple[Array, Array, Array]:
     """`(codes, scale, offset)` with codes in [0, 2^bits - 1] and `fake_quant(x) == codes * scale + offset`."""
-    check_bounds(lu)
-    lower = jnp.asarray(lu[0], x.dtype)
-    s = step_size(jnp.asarray(lu), bits).astype(x.dtype)
-    codes = jnp.round(true_divide(jnp.clip(x, lower, lu[1]) - lower, s))
-    return codes.astype(jnp.uint8 if bits <= 8 else jnp.int32), s, lower
+    if not isinstance(lu, jax.core.Tracer):
+        check_bounds(lu)
+    lu = jnp.asarray(lu)
+    lower = lu[0].astype(x.dtype)
+    s = step_size(lu, bits).astype(x.dtype)
+    codes = jnp.round(true_divide(jnp.clip(x, lower, lu[1].astype(x.dtype)) - lower, s))
+    return codes.astype(jnp.uint8), s, lower
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,10 +309,22 @@ def _apply_quantized(config: ModelConfig, variables, x):
     return models.build(config, site=quantized_site).apply(variables, x)[0]
 
 
-def quantize(params: Mapping, bounds: Mapping, config: ModelConfig | None = None) -> QuantizedSwinIR:
+def quantize(
+    params: Mapping | str | os.PathLike, bounds: Mapping | None = None, config: ModelConfig | None = None
+) -> QuantizedSwinIR:
     """The quantized model: FP `params` (untouched) plus calibrated `bounds`, validated site by site. Without
     `config`, the architecture is read off the params (`models.config_from_params`); either way every param must
-    have the shape the config implies."""
+    have the shape the config implies. `params` may instead be a quantized model's path (a low-bit
+    `.safetensors` file, a checkpoint or a run directory: `load_model`), which brings its own bounds and config."""
+    if isinstance(params, (str, os.PathLike)):
+        from jaxquant.checkpoint import load_model  # which imports this module
+
+        if bounds is not None or config is not None:
+            raise ValueError("a model path brings its own bounds and config: pass neither")
+        model = load_model(params)
+        if model.bounds is None:
+            raise ValueError(f"{params} is an FP model: it has no bounds to quantize with")
+        params, bounds, config = model.params, model.bounds, model.config
     if config is None:
         config = models.config_from_params(params)  # which checks the params against what it reads
     else:

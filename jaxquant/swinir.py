@@ -9,7 +9,8 @@ rows 0:60), so conversion is a key table, not a search.
 The model knows nothing about quantization. Every quantization site calls `site(module, name, x)`, a
 `SiteFn` injected from outside: the identity for the FP model, fake quantization for the quantized model,
 a bound search for calibration (see `jaxquant.quant`). The FP model and the quantized model are the same
-module with the same params.
+module with the same params. The sites of a matmul's two operands are called through `site_dot_general`, so a
+`MatmulSiteFn` can run the product itself (the integer forward, `jaxquant.integer`).
 
 `__call__` returns `(output, stage_features)`: the four stage outputs (after each stage's Swin blocks, before
 its 3x3 conv and residual add), shaped (B, H*W, C), which DQC uses for its feature loss. jit drops them when
@@ -23,7 +24,7 @@ import functools
 import itertools
 import math
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -40,6 +41,30 @@ class SiteFn(Protocol):
     """A quantization injection point: `(module, site_name, tensor) -> tensor`."""
 
     def __call__(self, module: nn.Module, name: str, x: Array) -> Array: ...
+
+
+@runtime_checkable
+class MatmulSiteFn(SiteFn, Protocol):
+    """A `SiteFn` that also runs the matmuls its sites feed (`site_dot_general`), given both operands as they
+    reach their sites: `jaxquant.integer` multiplies their integer codes."""
+
+    def dot_general(
+        self, module: nn.Module, lhs: tuple[str, Array], rhs: tuple[str, Array], dims: jax.lax.DotDimensionNumbers
+    ) -> Array: ...
+
+
+def site_dot_general(
+    module: nn.Module, site: SiteFn, lhs: tuple[str, Array], rhs: tuple[str, Array],
+    dims: jax.lax.DotDimensionNumbers, dtype: jnp.dtype | None = None,
+) -> Array:
+    """`lax.dot_general` of two `(site name, tensor)` operands, each through its site (then cast to `dtype`), or
+    the whole product by a `MatmulSiteFn`. Every quantized matmul of the model goes through here."""
+    if isinstance(site, MatmulSiteFn):
+        return site.dot_general(module, lhs, rhs, dims)
+    a, b = (site(module, name, x) for name, x in (lhs, rhs))
+    if dtype is not None:
+        a, b = a.astype(dtype), b.astype(dtype)
+    return jax.lax.dot_general(a, b, dims)
 
 
 def full_precision(module: nn.Module, name: str, x: Array) -> Array:
@@ -216,9 +241,8 @@ class QuantDense(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.truncated_normal(0.02), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x = self.site(self, "act", x)
-        kernel = self.site(self, "weight", kernel)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        dims = (((x.ndim - 1,), (0,)), ((), ()))  # (..., in) x (in, out) -> (..., out)
+        y = site_dot_general(self, self.site, ("act", x), ("weight", kernel), dims, self.dtype)
         return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
 
 
@@ -256,9 +280,8 @@ class WindowAttention(nn.Module):
             return t.reshape(bn, n, heads, c // heads).transpose(0, 2, 1, 3)
 
         q, k, v = (split_heads(t) for t in QKV(self.dim, self.site, self.dtype, name="qkv")(x))
-        q = self.site(self, "q_scaled", q * (c // heads) ** -0.5)
-        k = self.site(self, "k", k)
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)  # (B*nW, heads, n, n)
+        qk = (((3,), (3,)), ((0, 1), (0, 1)))  # q k^T per window and head: (B*nW, heads, n, n)
+        attn = site_dot_general(self, self.site, ("q_scaled", q * (c // heads) ** -0.5), ("k", k), qk)
         bias = table[relative_position_index(ws).reshape(-1)].reshape(n, n, heads).transpose(2, 0, 1)
         attn = attn + bias.astype(attn.dtype)[None]
         if mask is not None:
@@ -266,11 +289,10 @@ class WindowAttention(nn.Module):
             attn = attn.reshape(bn // nw, nw, heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None, :, :]
             attn = attn.reshape(bn, heads, n, n)
         attn = softmax(attn)
-        v = self.site(self, "v", v)
-        attn = self.site(self, "probs", attn)
-        # Heads-major output, then one transpose: XLA:CPU runs this batched matmul 2.5x faster than one that
-        # writes (B*nW, n, heads, d) directly.
-        x = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(bn, n, c)
+        # Heads-major output (B*nW, heads, n, d), then one transpose: XLA:CPU runs this batched matmul 2.5x
+        # faster than one that writes (B*nW, n, heads, d) directly.
+        pv = (((3,), (2,)), ((0, 1), (0, 1)))
+        x = site_dot_general(self, self.site, ("probs", attn), ("v", v), pv).transpose(0, 2, 1, 3).reshape(bn, n, c)
         return QuantDense(self.dim, self.site, self.dtype, name="proj")(x)
 
 
