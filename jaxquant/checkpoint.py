@@ -2,8 +2,9 @@
 
 A model checkpoint is an orbax composite directory with items `config` (JSON), `params` (arrays) and, for a
 quantized model, `bounds` (the `lu` arrays, nested like the model) plus `bits` (JSON, site path -> bits,
-since bits are static and not arrays). `load_model` also accepts an official `.pth` (converted on the fly)
-and a run directory of `scripts/quantize.py` (its `model/` checkpoint). A checkpoint is checked as a `.pth` is
+since bits are static and not arrays). `load_model` also accepts an official `.pth` (converted on the fly),
+a low-bit `.safetensors` file (`jaxquant.lowbit`) and a run directory of `scripts/quantize.py` (its `model/`
+checkpoint). A checkpoint is checked as a `.pth` is
 (config fields, every param's shape, bit widths), so a damaged one is one ValueError naming it.
 """
 
@@ -25,6 +26,7 @@ from jaxquant.models import ModelConfig
 from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, nest_bounds
 
 Params = Mapping[str, Any]
+SAFETENSORS = ".safetensors"  # a low-bit model file (`jaxquant.lowbit`)
 BIT_WIDTHS = range(2, 9)  # of a quantized model, stored or configured (QuantizeConfig)
 
 
@@ -147,7 +149,8 @@ def _quiet_abandoned_reads() -> None:
 
 
 def load_model(source: str | Path, param_key: str | None = None) -> Model:
-    """A model from a `.pth` file, a model checkpoint, or a `scripts/quantize.py` run directory."""
+    """A model from a `.pth` file, a low-bit `.safetensors` file (`jaxquant.lowbit`; its quantized weights
+    dequantized, as the fake quantizer gives them), a model checkpoint, or a `scripts/quantize.py` run directory."""
     from weights_convert.models import torch_to_flax
     from weights_convert.swinir import naming_source, unwrap_state_dict
     from weights_convert.torch_pickle import load_pth
@@ -155,6 +158,10 @@ def load_model(source: str | Path, param_key: str | None = None) -> Model:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
+    if path.is_file() and path.suffix == SAFETENSORS:
+        from jaxquant.lowbit import load_lowbit  # which imports this module
+
+        return load_lowbit(path).dequantized()
     if path.is_file():
         with naming_source(path):
             config, params = torch_to_flax(unwrap_state_dict(load_pth(path), param_key))
