@@ -3,7 +3,8 @@
 Whole-image inference (SwinIR flip-pads to a multiple of the window and crops back, as 2DQuant's `test()` does;
 NGswin's input is padded symmetric to a multiple of 32 first, as its authors test: `models.Architecture.test_pad`),
 output rounded to uint8, PSNR and SSIM on Y with `crop_border = scale`. Works for the FP model (no bounds) and the
-fake-quantized model alike: both are `models.build(config, site=quantized_site)`.
+fake-quantized model alike: both are `models.build(config, site=quantized_site)`; an `integer.IntegerModel` runs
+the integer forward instead.
 
 A benchmark of large images of many sizes (Urban100) is run in overlapping tiles instead, as SwinIR's
 `main_test_swinir.py --tile --tile_overlap` does: every image shape compiles its own forward, and the compiled
@@ -29,15 +30,22 @@ from jaxquant.data import BenchmarkImage, write_image
 from jaxquant.metrics import psnr_y, ssim_y, to_uint8
 from jaxquant import models
 from jaxquant.models import ModelConfig
+from jaxquant.integer import IntegerModel, IntegerSites
 from jaxquant.quant import quantized_site
+from jaxquant.swinir import SiteFn
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(config: ModelConfig, variables, x):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(config: ModelConfig, site: SiteFn, variables, x):
     """The model under its own test protocol (`models.Architecture.test_pad`), cropped to scale x the input."""
     _, h, w, _ = x.shape
-    out = models.build(config, site=quantized_site).apply(variables, models.architecture(config).test_pad(config, x))[0]
+    out = models.build(config, site=site).apply(variables, models.architecture(config).test_pad(config, x))[0]
     return out[:, : h * config.upscale, : w * config.upscale]
+
+
+def forward_site(model: Model | IntegerModel) -> SiteFn:
+    """The integer forward's sites for an `IntegerModel`; the fake quantizer's otherwise (FP without bounds)."""
+    return IntegerSites() if isinstance(model, IntegerModel) else quantized_site
 
 
 def variables(model: Model) -> dict:
@@ -129,7 +137,8 @@ def forward_compilations(
     shapes = sorted(forward_shapes(benchmarks, tiling))
 
     def compile_for(shape):
-        return _forward.lower(model.config, variables(model), jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+        args = (model.config, forward_site(model), variables(model), jax.ShapeDtypeStruct(shape, jnp.float32))
+        return _forward.lower(*args).compile()
 
     return [functools.partial(compile_for, shape) for shape in shapes]
 
@@ -147,7 +156,7 @@ def super_resolve(model: Model, lr: np.ndarray, tile: int = 0, overlap: int = DE
     """One uint8 HxWx3 LR image -> the model's float32 sHxsWx3 output, in [0, 1] up to overshoot; whole, or in
     `tile` x `tile` tiles overlapping by `overlap` (see `tiled`)."""
     x = jnp.asarray(lr, jnp.float32)[None] / 255.0
-    forward = functools.partial(_forward, model.config, variables(model))
+    forward = functools.partial(_forward, model.config, forward_site(model), variables(model))
     if tile:
         forward = tiled(forward, model.config.upscale, tile, overlap)
     return np.asarray(forward(x)[0])

@@ -39,7 +39,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxquant.checkpoint import Model
 from jaxquant.lowbit import LowBitModel, kernel_path, to_lowbit
 from jaxquant.quant import integer_view, quantized_site, step_size
-from jaxquant.swinir import SwinIR, SwinIRConfig
+from jaxquant import models
 
 Array = jax.Array
 
@@ -135,7 +135,7 @@ class IntegerModel(NamedTuple):
     """SwinIR for the integer forward: `params` with each quantized kernel as its codes (uint8, the kernel's
     shape), and every site's bounds."""
 
-    config: SwinIRConfig
+    config: models.ModelConfig
     params: Mapping
     bounds: Mapping
 
@@ -161,8 +161,8 @@ class IntegerModel(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def integer_forward(config: SwinIRConfig, variables: Mapping, x: Array) -> Array:
-    return SwinIR(config, site=IntegerSites()).apply(variables, x)[0]
+def integer_forward(config: models.ModelConfig, variables: Mapping, x: Array) -> Array:
+    return models.build(config, site=IntegerSites()).apply(variables, x)[0]
 
 
 def agreeing_codes(a: Mapping, b: Mapping) -> dict[str, tuple[int, int]]:

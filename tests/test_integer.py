@@ -1,0 +1,106 @@
+"""The integer forward: integer matmuls against numpy int64, the epilogue against float64, and the whole forward
+against the fake-quant one, site by site, on a small crop (the Set5 numbers: benchmarks/bench_integer.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxquant
+from jaxquant.dobi import Calibration, calibrate
+from jaxquant.integer import (IntegerModel, IntegerSites, Operand, agreeing_codes, integer_dot_general,
+                              recording_fake_quant)
+from jaxquant.lowbit import load_lowbit, save_lowbit
+from jaxquant.models import build
+from jaxquant.quant import QuantRules, init_bounds, quantize
+
+DENSE = (((2,), (0,)), ((), ()))  # (B, N, in) x (in, out)
+QK = (((3,), (3,)), ((0, 1), (0, 1)))  # (B, h, n, d) x (B, h, m, d) -> (B, h, n, m)
+PV = (((3,), (2,)), ((0, 1), (0, 1)))  # (B, h, n, m) x (B, h, m, d) -> (B, h, n, d)
+SHAPES = {"dense": ((2, 5, 7), (7, 3)), "qk": ((2, 3, 5, 4), (2, 3, 6, 4)), "pv": ((2, 3, 5, 6), (2, 3, 6, 4))}
+DIMS = {"dense": DENSE, "qk": QK, "pv": PV}
+EINSUM = {"dense": "bni,io->bno", "qk": "bhnd,bhmd->bhnm", "pv": "bhnm,bhmd->bhnd"}
+
+
+def _random_codes(rng, shape, bits):
+    return rng.integers(0, 2**bits, shape).astype(np.int8 if bits <= 7 else np.int16)
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_integer_matmul_equals_numpy_int64(kind, bits):
+    rng = np.random.default_rng(bits)
+    a, b = (_random_codes(rng, shape, bits) for shape in SHAPES[kind])
+    one, zero = jnp.float32(1), jnp.float32(0)
+    got = integer_dot_general(Operand(jnp.asarray(a), one, zero), Operand(jnp.asarray(b), one, zero), DIMS[kind])
+    expected = np.einsum(EINSUM[kind], a.astype(np.int64), b.astype(np.int64))
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(got), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_the_epilogue_gives_the_product_of_the_dequantized_operands(kind):
+    rng = np.random.default_rng(0)
+    a, b = (_random_codes(rng, shape, 3) for shape in SHAPES[kind])
+    (sa, la), (sb, lb) = (0.037, -0.61), (0.0052, 0.13)
+    got = integer_dot_general(Operand(jnp.asarray(a), jnp.float32(sa), jnp.float32(la)),
+                              Operand(jnp.asarray(b), jnp.float32(sb), jnp.float32(lb)), DIMS[kind])
+    expected = np.einsum(EINSUM[kind], np.float32(sa) * a.astype(np.float64) + np.float32(la),
+                         np.float32(sb) * b.astype(np.float64) + np.float32(lb))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def x2(t291_model):
+    return t291_model(2)
+
+
+@pytest.fixture(scope="module")
+def crop(data_root):
+    image = jaxquant.load_benchmarks(data_root, ["Set5"], scale=2)["Set5"][2]
+    return jnp.asarray(image.lr[:24, :32], jnp.float32)[None] / 255.0
+
+
+@pytest.fixture(scope="module")
+def quantized(x2, crop):
+    """The x2 model at W4A4 (its finer grid puts more values near a rounding tie than W2's) with MinMax bounds."""
+    bounds = init_bounds(x2.config, QuantRules.uniform(4))
+    return x2._replace(bounds=calibrate(x2.config, Calibration(method="minmax"), x2.params, bounds, crop))
+
+
+def test_integer_forward_follows_the_fake_quant_forward(quantized, crop):
+    integer = np.asarray(IntegerModel.from_model(quantized)(crop))
+    fake = np.asarray(quantize(quantized.params, quantized.bounds, quantized.config)(crop))
+    # a flipped activation code moves later values by a step: the outputs differ by more than float rounding,
+    # but as 8-bit images by at most one level (in 5% of this crop's pixels at W4A4 MinMax)
+    levels = np.abs(np.round(integer * 255) - np.round(fake * 255))
+    assert levels.max() <= 1
+
+
+def test_every_activation_site_agrees_with_fake_quant(quantized, crop):
+    """Teacher forced: each site's codes from the fake-quant forward's previous codes differ only by rounding."""
+    fake_vars = {"params": quantized.params, "bounds": quantized.bounds}
+    _, reference = build(quantized.config, site=recording_fake_quant(".*")).apply(fake_vars, crop, mutable=["codes"])
+    integer = IntegerModel.from_model(quantized)
+    _, forced = build(quantized.config, site=IntegerSites(record=".*", teacher_forced=True)).apply(
+        integer.variables | {"reference": reference["codes"]}, crop, mutable=["codes"])
+    agreement = agreeing_codes(forced["codes"], reference["codes"])
+    assert len(agreement) == 24 * 10  # q, k, v, proj, fc1, fc2 inputs and q_scaled, k, probs, v per block
+    for path, (agree, total) in agreement.items():
+        assert agree / total >= 0.999, f"{path}: {total - agree} of {total} codes differ"
+
+
+def test_stored_codes_run_as_computed_ones(quantized, crop, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_lowbit(path, quantized)
+    from_file = IntegerModel.from_lowbit(load_lowbit(path))
+    weight = from_file.params["layers_0"]["residual_group"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert weight.dtype == jnp.uint8 and weight.shape == (60, 120)
+    np.testing.assert_array_equal(np.asarray(from_file(crop)), np.asarray(IntegerModel.from_model(quantized)(crop)))
+
+
+def test_fp_model_has_no_integer_forward(x2):
+    with pytest.raises(ValueError, match="needs a quantized model"):
+        IntegerModel.from_model(x2)
