@@ -12,7 +12,7 @@ once, at its site; a weight arrives as codes (`IntegerModel` holds them, as a lo
 dequantized weight is materialised. Codes of b <= 7 bits fit int8; 8-bit codes (up to 255) do not, and use int16
 containers, still accumulated in int32.
 
-    model = IntegerModel.from_lowbit(load_lowbit("model_w2a2.safetensors"))   # or IntegerModel.from_model(model)
+    model = load_integer_model("model_w2a2.safetensors")   # or IntegerModel.from_model(model)
     sr = model(lr)                                                              # (B, H, W, 3) in [0, 1]
 
 The product differs from the fake-quant forward's float matmul of dequantized values only in float rounding, so
@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 import re
+from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import flax.linen as nn
@@ -36,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxquant.checkpoint import Model
-from jaxquant.lowbit import LowBitModel, kernel_path, to_lowbit
-from jaxquant.quant import integer_view, quantized_site, step_size
+from jaxquant.checkpoint import SAFETENSORS, Model, load_model
+from jaxquant.lowbit import LowBitModel, kernel_path, load_lowbit, to_lowbit
+from jaxquant.quant import integer_affine, integer_view, quantized_site
 from jaxquant import models
 
 Array = jax.Array
@@ -86,13 +87,13 @@ class IntegerSites:
         if jnp.issubdtype(x.dtype, jnp.integer):  # a weight held as its codes
             codes = x
         else:
-            codes = integer_view(x, bounds.lu, bounds.bits)[0]
+            codes = integer_view(x.astype(jnp.float32), bounds.lu, bounds.bits)[0]
             if self.record is not None and re.fullmatch(self.record, "/".join((*module.scope.path, name))):
                 module.sow("codes", name, codes)
                 if self.teacher_forced:
                     (codes,) = module.get_variable("reference", name)
-        scale = step_size(bounds.lu, bounds.bits).astype(jnp.float32)
-        return Operand(codes.astype(container(bounds.bits)), scale, bounds.lu[0].astype(jnp.float32))
+        scale, offset = (t.astype(jnp.float32) for t in integer_affine(bounds.lu, bounds.bits))
+        return Operand(codes.astype(container(bounds.bits)), scale, offset)
 
 
 def integer_dot_general(a: Operand, b: Operand, dims) -> Array:
@@ -158,6 +159,14 @@ class IntegerModel(NamedTuple):
     def __call__(self, x: Array) -> Array:
         """(B, H, W, C) in [0, 1] -> (B, sH, sW, C)."""
         return integer_forward(self.config, self.variables, x)
+
+
+def load_integer_model(source: str | Path) -> IntegerModel:
+    """The integer forward of a quantized model at `source`: a low-bit file's stored codes, or any other
+    `load_model` source's weights quantized here."""
+    if Path(source).suffix == SAFETENSORS and Path(source).is_file():
+        return IntegerModel.from_lowbit(load_lowbit(source))
+    return IntegerModel.from_model(load_model(source))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -23,7 +23,7 @@ computed when the file is read (storing it as int32 would cost 40 KB, 5% of that
 Reading checks everything against the config before anything uses it (a truncated, tampered or foreign file is
 one ValueError naming what is wrong): the header and its metadata, the config, each bit width, the tensor names,
 dtypes and shapes (every param's and kernel's against the config), the codes' length and zero padding after each
-weight's last code, finite bounds with l < u.
+weight's last code, finite bounds.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -41,7 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxquant import models
 from jaxquant.checkpoint import BIT_WIDTHS, Model
-from jaxquant.quant import Bounds, check_bounds, flat_bounds, integer_view, is_weight_site, nest_bounds, step_size
+from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, integer_affine, integer_view, is_weight_site, nest_bounds
 
 FORMAT = "jaxquant-lowbit"
 VERSION = 1
@@ -91,8 +92,8 @@ class LowBitModel(NamedTuple):
         quantizer maps back onto the same codes."""
         flat, bounds = flatten_dict(self.params, sep="/"), flat_bounds(self.bounds or {})
         for site, codes in self.codes.items():
-            lu, bits = bounds[site].lu, bounds[site].bits
-            flat[kernel_path(site)] = np.asarray(jnp.asarray(codes, jnp.float32) * step_size(lu, bits) + lu[0])
+            scale, offset = integer_affine(bounds[site].lu, bounds[site].bits)
+            flat[kernel_path(site)] = np.asarray(jnp.asarray(codes, jnp.float32) * scale + offset)
         return Model(self.config, unflatten_dict(flat, sep="/"), self.bounds)
 
 
@@ -203,8 +204,8 @@ def _bounds(lus: np.ndarray, bits: dict[str, int]) -> dict:
     if lus.dtype != np.float32 or lus.shape != (len(bits), 2):
         raise ValueError(f"bounds holds {lus.shape} {lus.dtype}; the bits metadata names {len(bits)} sites: "
                          f"({len(bits)}, 2) float32")
-    for site, lu in zip(bits, lus):
-        check_bounds(lu, where=f"bounds of {site}")
+    for site, lu in zip(bits, lus):  # crossed bounds load as saved, as a checkpoint's (`quant.integer_affine`)
+        check_finite_pair(lu, where=f"bounds of {site}")
     return nest_bounds({site: Bounds(jnp.asarray(lu), bits[site]) for site, lu in zip(bits, lus)})
 
 
@@ -225,3 +226,30 @@ def _unpack_all(stream: np.ndarray, shapes: dict, bits: dict[str, int]) -> dict[
             raise ValueError(f"the codes of {site} have bits set past their last code (tampered?)")
         codes[site] = unpack_codes(packed, bits[site], count).reshape(shape)
     return codes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes and the float16 remainder
+
+HALF_PSNR_TOLERANCE = 0.005  # dB of Set5 PSNR a float16 remainder may move a model by
+
+
+def fp_bytes(model: Model | LowBitModel) -> int:
+    """Bytes of the model's FP params in float32 (every kernel a float): what the compression ratio divides."""
+    floats = sum(np.size(v) for v in jax.tree.leaves(model.params))
+    return 4 * (floats + sum(np.size(c) for c in getattr(model, "codes", {}).values()))
+
+
+def with_half_remainder(lowbit: LowBitModel) -> LowBitModel:
+    """`lowbit` as a `half` file holds it: the float params rounded to float16 (and read back as float32)."""
+    return lowbit._replace(params=jax.tree.map(lambda v: np.asarray(v, np.float16).astype(np.float32), lowbit.params))
+
+
+def half_psnr_shift(model: Model, set5) -> tuple[float, float]:
+    """Set5 PSNR of `model` as a low-bit file holds it with a float32 and with a float16 remainder (the forward
+    `evaluate` runs: fake-quant, or FP without bounds). `set5`: `data.load_benchmark(root, "Set5", scale)`."""
+    from jaxquant.evaluate import evaluate  # which imports this module through jaxquant.integer
+
+    lowbit = to_lowbit(model)
+    return tuple(evaluate(m.dequantized(), {"Set5": set5}, show_progress=False)["Set5"]["psnr"]
+                 for m in (lowbit, with_half_remainder(lowbit)))

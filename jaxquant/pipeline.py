@@ -8,6 +8,7 @@ The run directory holds `run_config.json` (the settings; a run directory belongs
 `calibration/<label>.json` (each initialisation's bounds by official quantizer name, as `--import-bounds`
 reads them), `checkpoints/` and `validation.json` (DQC's state and Set5 log, to resume from), `model/`
 (params, bounds and config: an orbax checkpoint that `load_model` and `scripts/evaluate.py --model` accept),
+`model_w<b>a<b>.safetensors` (the same model as a low-bit file: packed weight codes, `jaxquant.lowbit`),
 `results.json` and `results.md` (FP / MinMax / <init> / DQC on the chosen benchmarks), and `comparison.png`.
 """
 
@@ -35,6 +36,7 @@ from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, lis
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
 from jaxquant.evaluate import DEFAULT_OVERLAP, Tiling, compile_concurrently, evaluate, forward_compilations, results_table
+from jaxquant.lowbit import fp_bytes, save_lowbit
 from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json, read_json_object,
@@ -359,9 +361,15 @@ def _check_paths(run: QuantizeConfig, run_dir: Path, resume: bool) -> None:
         check_output_path(run.export_bounds)
 
 
-def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, seconds: dict, device: str) -> str:
-    """results.md: the PSNR / SSIM table, which DQC step was kept and why, and where the time went."""
-    parts = [f"# W{run.bits}A{run.bits} x{run.scale}: PSNR / SSIM (Y)", table]
+def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, seconds: dict, device: str,
+                      size: dict) -> str:
+    """results.md: the PSNR / SSIM table, the low-bit file's size, which DQC step was kept and why, and where the
+    time went."""
+    parts = [f"# W{run.bits}A{run.bits} x{run.scale}: PSNR / SSIM (Y)", table,
+             f"Low-bit model file `{size['file']}` (packed {run.bits}-bit weights, float32 params): {size['bytes']:,} "
+             f"bytes, {size['fp_float32_bytes'] / size['bytes']:.2f}x smaller than the FP params in float32 "
+             f"({size['fp_float32_bytes']:,} bytes). `scripts/export.py RUN_DIR -o FILE.safetensors --half` stores "
+             "the float params in float16."]
     if dqc_log:
         dqc, kept = run.dqc, dqc_log["best_step"]
         rows = [f"| {h['step']} | {h['loss']:.4g} | {h['set5_psnr']:.3f}{' (kept)' if h['step'] == kept else ''} |"
@@ -476,6 +484,9 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     seconds["evaluation"] = time.perf_counter() - clock
 
     save_model(run_dir / "model", model._replace(bounds=final))
+    lowbit_file = run_dir / f"model_w{run.bits}a{run.bits}.safetensors"
+    size = {"file": lowbit_file.name, "bytes": save_lowbit(lowbit_file, model._replace(bounds=final)),
+            "fp_float32_bytes": fp_bytes(model)}
     if run.export_bounds:
         write_bounds_json(Path(run.export_bounds), final)
     comparison_grid(
@@ -491,6 +502,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
         "seconds": seconds,
         "device": str(jax.devices()[0].device_kind),
     }
-    write_results(run_dir, results, _results_markdown(run, table, dqc_log, seconds, results["device"]))
+    results["lowbit"] = size
+    write_results(run_dir, results, _results_markdown(run, table, dqc_log, seconds, results["device"], size))
     return results
 

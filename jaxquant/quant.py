@@ -133,15 +133,26 @@ def _quantize_dequantize_bwd(res, g):
 _quantize_dequantize.defvjp(_quantize_dequantize_fwd, _quantize_dequantize_bwd)
 
 
+def integer_affine(lu: Array, bits: int) -> tuple[Array, Array]:
+    """`(scale, offset)` of a site's codes: x_hat = scale * code + offset. Crossed bounds (l > u: DQC can reach
+    them, and a checkpoint keeps them) clip every value to u, so the fake quantizer maps everything onto one point
+    s round((u - l) / s) + l; that point is the offset, and every code is 0."""
+    lu = jnp.asarray(lu)
+    s = step_size(lu, bits)
+    point = s * jnp.round(true_divide(lu[1] - lu[0], s)) + lu[0]
+    return s, jnp.where(lu[0] > lu[1], point, lu[0])
+
+
 def integer_view(x: Array, lu: Array, bits: int) -> tuple[Array, Array, Array]:
-    """`(codes, scale, offset)` with codes in [0, 2^bits - 1] and `fake_quant(x) == codes * scale + offset`."""
+    """`(codes, scale, offset)` with uint8 codes in [0, 2^bits - 1] and `fake_quant(x) == codes * scale + offset`
+    (jittable: `bits` static; crossed bounds as `integer_affine` says)."""
     if not isinstance(lu, jax.core.Tracer):
-        check_bounds(lu)
+        check_finite_pair(lu)
     lu = jnp.asarray(lu)
     lower = lu[0].astype(x.dtype)
-    s = step_size(lu, bits).astype(x.dtype)
+    s, offset = (t.astype(x.dtype) for t in integer_affine(lu, bits))
     codes = jnp.round(true_divide(jnp.clip(x, lower, lu[1].astype(x.dtype)) - lower, s))
-    return codes.astype(jnp.uint8), s, lower
+    return jnp.where(lu[0] > lu[1], 0, codes).astype(jnp.uint8), s, offset
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from jaxquant.checkpoint import load_model
+from jaxquant.integer import load_integer_model
 from jaxquant.cli import add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import benchmark_names, check_output_path, load_benchmarks, resolve_data_root
@@ -36,7 +37,10 @@ def overlaps(a: Path, b: Path) -> bool:
 @main_guard
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model checkpoint, .pth file, or quantize run directory")
+    parser.add_argument("--model", required=True, help="model checkpoint, .pth or low-bit .safetensors file, or "
+                        "quantize run directory")
+    parser.add_argument("--integer", action="store_true", help="run the integer forward (a quantized model's "
+                        "matmuls on its integer codes: jaxquant.integer) instead of fake quantization")
     parser.add_argument("--datasets", default="Set5", help="comma-separated benchmark names, or all (every one in "
                         "the data root; default: Set5)")
     parser.add_argument("--data-root", help="data root (default: $JAXQUANT_DATA or ../shared/data)")
@@ -48,8 +52,8 @@ def main():
     root = resolve_data_root(args.data_root)
     datasets = benchmark_names(args.datasets, root)
     check_outputs(args.out, args.save_images, datasets)
-    model = load_model(args.model)
-    kind = "FP" if model.bounds is None else "quantized"
+    model = load_integer_model(args.model) if args.integer else load_model(args.model)
+    kind = "integer" if args.integer else "FP" if model.bounds is None else "quantized"
     print(f"{describe(model.config)}, {kind}")
     benchmarks = load_benchmarks(root, datasets, model.config.upscale)
     results = evaluate(model, benchmarks, tiling=tiling, save_dir=args.save_images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 import struct
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 import jaxquant
-from jaxquant.checkpoint import Model, load_model
+from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.dobi import Calibration, calibrate
-from jaxquant.lowbit import kernel_path, load_lowbit, pack_codes, packed_size, save_lowbit, unpack_codes
+from jaxquant.lowbit import (fp_bytes, kernel_path, load_lowbit, pack_codes, packed_size, save_lowbit, to_lowbit,
+                             unpack_codes)
 from jaxquant.quant import QuantRules, fake_quant, flat_bounds, init_bounds, is_weight_site, quantize
 from jaxquant.swinir import SwinIR, SwinIRConfig
 
@@ -197,7 +199,7 @@ def _fc1_shape_swapped(packing):
                      r"needs \(60, 120\)"),
     ("config edited", r"params do not match|param .* has shape|config depths"),
     ("header garbled", r"not a readable safetensors file"),
-    ("bounds crossed", r"bounds of .*: upper bound .* must exceed lower bound"),
+    ("bounds not finite", r"bounds of .*: non-finite bounds \[1.0, inf\]"),
 ])
 def test_a_bad_file_is_a_one_line_error_naming_it(files, tiny_file, tmp_path, case, expected):
     source, target = files["w3"], tmp_path / f"{case.replace(' ', '_')}.safetensors"
@@ -217,13 +219,56 @@ def test_a_bad_file_is_a_one_line_error_naming_it(files, tiny_file, tmp_path, ca
         raw = bytearray(source.read_bytes())
         raw[20:24] = b"\x00\x00\x00\x00"
         target.write_bytes(bytes(raw))
-    elif case == "bounds crossed":
-        def cross(header, data):
+    elif case == "bounds not finite":
+        def infinite(header, data):
             start, _ = header["bounds"]["data_offsets"]
-            data[start:start + 8] = np.array([1.0, -1.0], np.float32).tobytes()
-        _rewrite(source, target, edit_data=cross)
+            data[start:start + 8] = np.array([1.0, np.inf], np.float32).tobytes()
+        _rewrite(source, target, edit_data=infinite)
     with pytest.raises(ValueError) as error:
         load_model(target)
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{target}: "), message
     assert re.search(expected, message), message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/export.py
+
+
+def _export() -> dict:
+    """scripts/export.py's globals."""
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "export.py"))
+
+
+def test_export_script_writes_a_low_bit_file(quantized, tmp_path, capsys):
+    checkpoint = save_model(tmp_path / "w3", quantized)
+    out = tmp_path / "model_w3a3.safetensors"
+    _export()["main"]([str(checkpoint), "-o", str(out)])
+    printed = capsys.readouterr().out
+    size, fp = out.stat().st_size, fp_bytes(quantized)
+    assert f"{size:,} bytes, {fp / size:.2f}x smaller than the FP params in float32 ({fp:,} bytes)" in printed
+    assert fp == 4 * sum(np.size(v) for v in jax.tree.leaves(quantized.params))
+    np.testing.assert_array_equal(load_lowbit(out).codes[next(iter(load_lowbit(out).codes))],
+                                  to_lowbit(quantized).codes[next(iter(load_lowbit(out).codes))])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-o", "model.bin"], r"the extension picks the format, \.pth or \.safetensors"),
+    (["-o", "model.pth", "--half"], r"--half is for a \.safetensors file"),
+])
+def test_export_script_refuses_what_it_cannot_write(quantized, tmp_path, argv, message):
+    checkpoint = save_model(tmp_path / "w3", quantized)
+    argv = [str(checkpoint), *(str(tmp_path / a) if a.startswith("model.") else a for a in argv)]
+    with pytest.raises(SystemExit, match=rf"^error: .*{message}"):
+        _export()["main"](argv)
+
+
+def test_export_script_refuses_half_where_it_moves_set5(quantized, tmp_path, capsys):
+    checkpoint = save_model(tmp_path / "w3", quantized)
+    out = tmp_path / "half.safetensors"
+    script = _export()
+    script["main"].__wrapped__.__globals__["half_psnr_shift"] = lambda model, set5: (30.0, 29.99)
+    with pytest.raises(SystemExit, match=r"^error: --half moves Set5 PSNR by -0\.0100 dB \(more than 0\.005 dB\)"):
+        script["main"]([str(checkpoint), "-o", str(out), "--half"])
+    assert "in float32 30.0000 dB, in float16 29.9900 dB (-0.0100 dB)" in capsys.readouterr().out
+    assert not out.exists()

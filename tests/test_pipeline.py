@@ -300,6 +300,11 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     reloaded = {p: b.lu.tolist() for p, b in flat_bounds(saved.bounds).items()}
     assert sorted(np.ravel(list(reloaded.values()))) == pytest.approx(sorted(np.ravel(list(named.values()))))
 
+    lowbit = run_dir / "model_w4a4.safetensors"  # the same model, packed
+    assert results["lowbit"]["bytes"] == lowbit.stat().st_size and f"{lowbit.stat().st_size:,} bytes" in summary
+    from_file = {p: b.lu.tolist() for p, b in flat_bounds(load_model(lowbit).bounds).items()}
+    assert from_file == reloaded
+
     evaluated = run_script("scripts/evaluate.py", "--model", str(run_dir))
     assert evaluated.returncode == 0, evaluated.stderr
     assert "WARNING" not in evaluated.stderr, evaluated.stderr  # orbax warned once per checkpoint item
