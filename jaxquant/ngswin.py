@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxquant.swinir import (
     QKV, LayerNorm, QuantDense, SiteFn, _leaf_shapes, full_precision, gelu, pixel_shuffle, relative_position_index,
-    run_blocks, shifted_window_mask, softmax, window_partition, window_reverse,
+    run_blocks, shifted_window_mask, site_dot_general, softmax, window_partition, window_reverse,
 )
 
 Array = jax.Array
@@ -182,9 +182,8 @@ class CosineWindowAttention(nn.Module):
             return t / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(t), axis=-1, keepdims=True)), NORMALIZE_EPS)
 
         q, k, v = (split_heads(t) for t in QKV(heads * head_dim, self.site, self.dtype, name="qkv")(x))
-        q = self.site(self, "q_scaled", unit(q))
-        k = self.site(self, "k", unit(k))
-        attn = jnp.einsum("bhqd,bhkd->bhqk", q, k)  # (B*nW, heads, n, n)
+        qk = (((3,), (3,)), ((0, 1), (0, 1)))  # q k^T per window and head: (B*nW, heads, n, n)
+        attn = site_dot_general(self, self.site, ("q_scaled", unit(q)), ("k", unit(k)), qk)
         attn = attn * jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE)).astype(attn.dtype)[None]
         bias = table[relative_position_index(ws).reshape(-1)].reshape(n, n, heads).transpose(2, 0, 1)
         attn = attn + bias.astype(attn.dtype)[None]
@@ -193,9 +192,9 @@ class CosineWindowAttention(nn.Module):
             attn = attn.reshape(bn // nw, nw, heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None, :, :]
             attn = attn.reshape(bn, heads, n, n)
         attn = softmax(attn)
-        v = self.site(self, "v", v)
-        attn = self.site(self, "probs", attn)
-        x = jnp.einsum("bhqk,bhkd->bhqd", attn, v).transpose(0, 2, 1, 3).reshape(bn, n, heads * head_dim)
+        pv = (((3,), (2,)), ((0, 1), (0, 1)))  # (B*nW, heads, n, head_dim)
+        x = site_dot_general(self, self.site, ("probs", attn), ("v", v), pv)
+        x = x.transpose(0, 2, 1, 3).reshape(bn, n, heads * head_dim)
         return QuantDense(self.dim, self.site, self.dtype, name="proj")(x)
 
 
