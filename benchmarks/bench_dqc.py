@@ -51,7 +51,7 @@ def setup(args: argparse.Namespace):
 
 
 def title(args: argparse.Namespace) -> str:
-    remat, scan = dqc_config(args).block_execution()
+    remat, scan = dqc_config(args).block_execution(args.batch * args.size**2)
     blocks = (", activations recomputed" if remat else ", activations stored") + (", scanned" if scan else ", unrolled")
     precision = "" if args.matmul_precision == "default" else f", {args.matmul_precision} matmuls"
     return f"DQC step x{args.scale}, batch {args.batch}, {args.size}x{args.size}, W{args.bits}A{args.bits}{blocks}{precision}"

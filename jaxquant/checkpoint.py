@@ -15,7 +15,7 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -23,11 +23,10 @@ import orbax.checkpoint as ocp
 
 from jaxquant import models
 from jaxquant.models import ModelConfig
-from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, nest_bounds
+from jaxquant.quant import Bounds, check_bits, check_finite_pair, flat_bounds, nest_bounds
 
 Params = Mapping[str, Any]
 SAFETENSORS = ".safetensors"  # a low-bit model file (`jaxquant.lowbit`)
-BIT_WIDTHS = range(2, 9)  # of a quantized model, stored or configured (QuantizeConfig)
 
 
 class Model(NamedTuple):
@@ -54,8 +53,7 @@ def _bounds_from_arrays(lu: Mapping, bits: Any) -> dict:
             f"{len(only_bits)} only in bits {only_bits[:2]}"
         )
     for path, width in bits.items():
-        if type(width) is not int or width not in BIT_WIDTHS:  # exactly int: not True, not 4.0
-            raise ValueError(f"bit width {width!r} of {path}: expected an integer {BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}")
+        check_bits(width, where=path)
     for path, lu in flat.items():
         # NaN or infinite bounds would turn every output NaN without a word. Crossed ones load as saved (DQC
         # could, in principle, write them; the traced quantizer keeps its step positive).
@@ -73,9 +71,11 @@ def _flatten(tree: Mapping, prefix: tuple = ()):
             yield (*prefix, k), v
 
 
-def save_model(directory: str | Path, model: Model) -> Path:
-    """Write `model` as an orbax checkpoint at `directory` (replaced if it exists)."""
+def save_model(directory: str | Path, model: Model, *, overwrite: bool = False) -> Path:
+    """Write `model` as an orbax checkpoint at `directory`, which must not exist unless `overwrite`."""
     directory = Path(directory).resolve()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; save elsewhere or pass overwrite=True to replace it")
     items = {
         "config": ocp.args.JsonSave(models.config_to_json(model.config)),
         "params": ocp.args.StandardSave(jax.tree.map(np.asarray, model.params)),
@@ -118,12 +118,34 @@ def _restore_checkpoint(directory: Path) -> Model:
 @contextlib.contextmanager
 def reading_checkpoint(directory: Path) -> Iterator[None]:
     """Turn a damaged orbax checkpoint (a truncated, missing or garbled file, a missing item) into one ValueError
-    naming it."""
-    _quiet_abandoned_reads()  # before the read: the abandoned reads start finishing while the error unwinds
+    naming it.
+
+    When one array of a restore fails, orbax abandons the reads still in flight: as each finishes, tensorstore
+    calls back into the closed event loop (a traceback each, hundreds for a model) and asyncio logs each
+    abandoned task. The error raised says what went wrong, so those reports are dropped: during the read, and
+    after a failed one (they arrive while and after its error unwinds). A read that succeeds leaves the
+    process's hooks as they were."""
+    previous_hook, asyncio_log = sys.unraisablehook, logging.getLogger("asyncio")
+    filtered_before = _not_an_abandoned_task in asyncio_log.filters  # by an earlier failed read
+    if not filtered_before:
+        sys.unraisablehook = functools.partial(_unless_abandoned_read, previous_hook)
+        asyncio_log.addFilter(_not_an_abandoned_task)
     try:
         yield
     except (ValueError, OSError, KeyError) as e:  # KeyError: orbax's 'Item "default" was not found ...'
         raise ValueError(f"{directory} is a damaged checkpoint: {_cause(e)}") from None
+    if not filtered_before:
+        sys.unraisablehook = previous_hook
+        asyncio_log.removeFilter(_not_an_abandoned_task)
+
+
+def _unless_abandoned_read(report: Callable[[Any], None], unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        report(unraisable)
+
+
+def _not_an_abandoned_task(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
 
 
 def _cause(error: Exception) -> str:
@@ -131,21 +153,6 @@ def _cause(error: Exception) -> str:
     spec."""
     message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     return message.split(" [tensorstore_spec=")[0]
-
-
-@functools.cache
-def _quiet_abandoned_reads() -> None:
-    """When one array of a restore fails, orbax abandons the reads still in flight: as each finishes,
-    tensorstore calls back into the closed event loop (a traceback each, hundreds for a model) and asyncio logs
-    each abandoned task or future. The restore's own error says what went wrong, so drop those."""
-    previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def load_model(source: str | Path, param_key: str | None = None) -> Model:

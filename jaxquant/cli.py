@@ -11,6 +11,15 @@ from typing import Callable
 from jaxquant.evaluate import DEFAULT_OVERLAP, DEFAULT_TILE
 
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)  # bad input (PthError is a ValueError) or a failing disk
+# jax_default_matmul_precision values. "highest" (full float32) is what the parity tests check; on a GPU,
+# "default" runs float32 matmuls in TF32 (about 3e-4 relative error, spec section 8).
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def add_matmul_precision_flag(parser: argparse.ArgumentParser, default: str | None = "highest") -> None:
+    parser.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default=default,
+                        help="float32 matmul precision (default: highest, as the parity tests check; 'default' is "
+                             "faster on a GPU: TF32 there)")
 
 
 def main_guard(main: Callable[..., None]) -> Callable[..., None]:

@@ -13,9 +13,10 @@ mmap whatever the settings, which is why dispatch has to change too.) README, "M
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import pkgutil
 
 import jax
-from jax._src import xla_bridge
 
 # mallopt(3) parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -33,20 +34,39 @@ def _glibc_mallopt():
     return libc.mallopt
 
 
+def accelerator_expected() -> bool:
+    """Whether JAX will compute on an accelerator, judged without starting a backend: `jax_platforms`
+    (JAX_PLATFORMS) names another platform first, or, where it is unset, an accelerator plugin is installed
+    (JAX finds them as `jax_plugins` entry points or modules)."""
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip() != "cpu"
+    try:
+        import jax_plugins
+    except ImportError:
+        modules = []
+    else:
+        modules = list(pkgutil.iter_modules(jax_plugins.__path__))
+    return bool(modules or importlib.metadata.entry_points(group="jax_plugins"))
+
+
 def keep_cpu_scratch() -> bool:
     """Keep XLA:CPU's per-call scratch memory (up to `KEPT_BYTES`) between calls, for the rest of the process.
 
     Call it before JAX's first computation: the CPU client reads its dispatch mode once. The scripts do; a
-    library user may. Returns whether the scratch is now kept (False off glibc, where nothing changes).
-    Costs: memory freed by large computations stays with the process, and Python no longer runs ahead of the
-    CPU computations it has queued."""
+    library user may. Returns whether the scratch is now kept: False off glibc, and where JAX will run on an
+    accelerator (`accelerator_expected`), since the settings would only cost host memory there; nothing
+    changes then. Costs: memory freed by large computations stays with the process, and Python no longer runs
+    ahead of the CPU computations it has queued."""
     global _kept
     if _kept:
         return True
+    from jax._src import xla_bridge  # private, but the only way to ask without starting a backend
+
     if xla_bridge.backends_are_initialized():
         raise RuntimeError("keep_cpu_scratch() must run before JAX's first computation (the CPU client is running)")
     mallopt = _glibc_mallopt()
-    if mallopt is None:
+    if mallopt is None or accelerator_expected():
         return False
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, KEPT_BYTES)):
         raise OSError("glibc refused mallopt(M_MMAP_MAX, 0) or mallopt(M_TRIM_THRESHOLD, 2**31 - 1)")

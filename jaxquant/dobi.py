@@ -113,6 +113,10 @@ class Calibration:
         if self.method not in get_args(Method) or self.strategy not in get_args(Strategy):
             raise ValueError(f"unknown calibration method {self.method!r} or DOBI strategy {self.strategy!r}; "
                              f"choose from {get_args(Method)} and {get_args(Strategy)}")
+        if not 50 < self.percentile <= 100:  # [q(100 - p), q(p)] crosses below 50
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if type(self.num_candidates) is not int or self.num_candidates < 1:
+            raise ValueError(f"DOBI needs at least one candidate, got num_candidates={self.num_candidates!r}")
 
     def search(self, path: str, x: Array, bits: int) -> Array:
         if self.method == "minmax":

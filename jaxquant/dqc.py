@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -37,13 +38,16 @@ STORED_PIXELS_MAX = 4 * 32 * 32
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DQCConfig:
-    """Optimisation of the bounds. Defaults are the official code's (spec section 5)."""
+    """Optimisation of the bounds. Defaults are the official code's (spec section 5).
+
+    `steps`, `batch` and `patch` are the settings of a DQC loop (`pipeline.distill`); one `dqc_step` uses the
+    batch it is given."""
 
     loss: LossMode = "official"
     feature_weight: float = 1.0  # `paper` loss only; the paper leaves lambda unstated
     steps: int = 4000
-    batch: int = 16
-    patch: int = 64
+    batch: int = 16  # LR patches a step
+    patch: int = 64  # their side, in LR pixels
     lr: float = 1e-2
     b1: float = 0.9
     b2: float = 0.99
@@ -53,6 +57,7 @@ class DQCConfig:
     # and, on a CPU, by whether the process keeps XLA's scratch (`block_execution`).
     remat: bool | None = None  # recompute them in the backward pass instead of storing activations (`SwinIR.remat`)
     scan: bool | None = None  # run them as a `lax.scan` over block pairs (`SwinIR.scan`)
+    # For each step's images (B, H, W, C): unset, remat and scan are picked from B * H * W (`block_execution`).
 
     def __post_init__(self):
         if self.loss not in ("official", "paper"):
@@ -64,8 +69,8 @@ class DQCConfig:
             raise ValueError(f"DQC needs lr > 0, eps > 0, feature_weight >= 0 and betas in [0, 1), got lr {self.lr}, "
                              f"eps {self.eps}, feature_weight {self.feature_weight}, betas ({self.b1}, {self.b2})")
 
-    def block_execution(self) -> tuple[bool, bool]:
-        """`(remat, scan)`, by backend where unset. On an accelerator neither: on an H100 the scan's
+    def block_execution(self, pixels: int) -> tuple[bool, bool]:
+        """`(remat, scan)` for a batch of `pixels` LR pixels (B * H * W), by backend where unset. On an accelerator neither: on an H100 the scan's
         per-iteration bookkeeping of the bound scalars became thousands of tiny kernels, and unrolled with
         stored activations a step (x2, batch 16, 64x64) takes 65 ms and 14 GB. On a CPU neither too where the
         process keeps XLA's scratch (`cpu_memory.keep_cpu_scratch`, as the scripts do) and the batch's scratch
@@ -74,13 +79,14 @@ class DQCConfig:
         pass): stored activations would page-fault their scratch in afresh each call (811 ms, against
         575-628 ms recomputed, which needs ~150 MB of it; benchmarks/README.md)."""
         on_cpu = jax.default_backend() == "cpu"
-        store = not on_cpu or (cpu_scratch_kept() and self.batch * self.patch**2 <= STORED_PIXELS_MAX)
+        store = not on_cpu or (cpu_scratch_kept() and pixels <= STORED_PIXELS_MAX)
         remat = not store if self.remat is None else self.remat
         return remat, (on_cpu and remat) if self.scan is None else self.scan
 
     def resolved(self) -> "DQCConfig":
-        """This config with `remat` and `scan` set as they run here, so that a resumed run rounds the same."""
-        remat, scan = self.block_execution()
+        """This config with `remat` and `scan` set as its loop's batches run here, so that a resumed run rounds
+        the same."""
+        remat, scan = self.block_execution(self.batch * self.patch**2)
         return dataclasses.replace(self, remat=remat, scan=scan)
 
     def optimizer(self) -> optax.GradientTransformation:
@@ -136,7 +142,7 @@ def distillation_loss(bounds, params, images: Array, config: ModelConfig, dqc: D
     feature terms run over the model's stage features (`models`: 4 for SwinIR-light and NGswin alike)."""
     model = functools.partial(models.build, config, dtype=images.dtype)
     out_fp, feats_fp = model().apply({"params": params}, images)
-    remat, scan = dqc.block_execution()
+    remat, scan = dqc.block_execution(math.prod(images.shape[:3]))
     student = model(site=quantized_site, remat=remat, scan=scan)
     out_q, feats_q = student.apply({"params": params, "bounds": bounds}, images)
     out_fp, feats_fp = jax.lax.stop_gradient((out_fp, feats_fp))
@@ -154,12 +160,15 @@ class DQCState(NamedTuple):
 
 
 def init_state(bounds, dqc: DQCConfig) -> DQCState:
+    """The state a DQC run starts from: a copy of `bounds` (the caller's arrays stay theirs), Adam's zero
+    moments and step 0."""
+    bounds = jax.tree.map(jnp.copy, bounds)
     return DQCState(bounds, dqc.optimizer().init(ravel_pytree(bounds)[0]), jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=2)
 def dqc_step(config: ModelConfig, dqc: DQCConfig, state: DQCState, params, images: Array):
-    """One Adam step on the bounds; returns the new state and the loss terms (before the update).
+    """One Adam step on the bounds; returns the new state and the loss terms (before the update). Jitted, with
+    `config` and `dqc` static; every argument stays valid (a loop that owns its state uses `donating_dqc_step`).
 
     Adam runs on the bounds raveled into one vector: the update of a site-by-site Adam (elementwise, equal
     up to float rounding), in a few kernels instead of several for each of the 384 sites, which a GPU runs
@@ -171,3 +180,8 @@ def dqc_step(config: ModelConfig, dqc: DQCConfig, state: DQCState, params, image
         updates, opt_state = dqc.optimizer().update(grads, state.opt_state, flat)
     bounds = unravel(optax.apply_updates(flat, updates))
     return DQCState(bounds, opt_state, state.step + 1), {"loss": loss, **terms}
+
+
+# `dqc_step` that reuses the state's buffers for the new one, invalidating the state it is given.
+donating_dqc_step = jax.jit(dqc_step, static_argnums=(0, 1), donate_argnums=2)
+dqc_step = jax.jit(dqc_step, static_argnums=(0, 1))

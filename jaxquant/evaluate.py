@@ -148,8 +148,20 @@ def compile_concurrently(compilations: Sequence[Callable]) -> None:
     on an accelerator host, where a forward takes ~20 s to compile per image shape (H100), they overlap."""
     if compilations:
         with ThreadPoolExecutor(max_workers=min(len(compilations), os.cpu_count() or 1)) as pool:
-            for done in [pool.submit(compile_one) for compile_one in compilations]:
+            for done in [pool.submit(with_matmul_precision_here(compile_one)) for compile_one in compilations]:
                 done.result()
+
+
+def with_matmul_precision_here(fn: Callable) -> Callable:
+    """`fn`, to be run on another thread under this thread's matmul precision. The setting is thread-local in
+    a `jax.default_matmul_precision` block, and a program compiled without it is not the one this thread calls."""
+    precision = jax.config.jax_default_matmul_precision
+
+    def run(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def super_resolve(model: Model, lr: np.ndarray, tile: int = 0, overlap: int = DEFAULT_OVERLAP) -> np.ndarray:

@@ -41,8 +41,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from jaxquant import models
-from jaxquant.checkpoint import BIT_WIDTHS, Model
-from jaxquant.quant import Bounds, check_finite_pair, flat_bounds, integer_affine, integer_view, is_weight_site, nest_bounds
+from jaxquant.checkpoint import Model
+from jaxquant.quant import Bounds, check_bits, check_finite_pair, flat_bounds, integer_affine, integer_view, is_weight_site, nest_bounds
 
 FORMAT = "jaxquant-lowbit"
 VERSION = 1
@@ -155,8 +155,7 @@ def _read(path: Path) -> LowBitModel:
     if not isinstance(bits, dict) or not isinstance(packing, dict) or packing.get("order") != "lsb-first":
         raise ValueError("metadata bits or packing is not what this version writes")
     for site, width in bits.items():
-        if type(width) is not int or width not in BIT_WIDTHS:  # exactly int: not True, not 4.0
-            raise ValueError(f"bit width {width!r} of {site}: expected an integer {BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}")
+        check_bits(width, where=site)
     shapes = packing.get("shapes")
     if not isinstance(shapes, dict) or set(shapes) != {s for s in bits if is_weight_site(s)}:
         raise ValueError("packing shapes do not name exactly the quantized weight sites")

@@ -23,22 +23,26 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant import models
-from jaxquant.checkpoint import BIT_WIDTHS, Model, load_model, save_model
+from jaxquant.checkpoint import Model, load_model, save_model
+from jaxquant.cli import MATMUL_PRECISIONS
 from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, list_images, load_benchmark,
                            load_benchmarks, read_image)
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
-from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
-from jaxquant.evaluate import DEFAULT_OVERLAP, Tiling, compile_concurrently, evaluate, forward_compilations, results_table
+from jaxquant.dqc import DQCConfig, DQCState, donating_dqc_step, init_state
+from jaxquant.evaluate import (DEFAULT_OVERLAP, Tiling, compile_concurrently, evaluate, forward_compilations,
+                               results_table, with_matmul_precision_here)
 from jaxquant.lowbit import fp_bytes, save_lowbit
 from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches
-from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, list_sites, official_name
+from jaxquant.quant import (BIT_WIDTHS, QuantRules, bounds_from_official, bounds_to_official, flat_bounds, init_bounds,
+                            list_sites, official_name, validate_bounds)
+from jaxquant import models
+from jaxquant.models import ModelConfig
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json, read_json_object,
                            read_run_json, stop_on_interrupt, write_atomically, write_results)
 from jaxquant.visualize import comparison_grid
@@ -109,6 +113,7 @@ class QuantizeConfig:
     import_bounds: str | None = None
     export_bounds: str | None = None
     seed: int = 0
+    matmul_precision: str = "highest"  # jax_default_matmul_precision for the whole run (cli.MATMUL_PRECISIONS)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,8 +126,7 @@ class QuantizeConfig:
     def __post_init__(self):
         if self.bits not in BIT_WIDTHS:
             raise ValueError(f"bits must be {BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}, got {self.bits}")
-        if not 0 < self.percentile <= 100:
-            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        Calibration(percentile=self.percentile)  # checks it
         if self.calib_patches < 1 or self.calib_size < 8 or self.validate_every < 1 or self.checkpoint_every < 1:
             raise ValueError(f"need calib_patches >= 1, calib_size >= 8 (the window) and validation and checkpoint "
                              f"intervals >= 1, got {self.calib_patches}, {self.calib_size}, {self.validate_every}, "
@@ -132,6 +136,8 @@ class QuantizeConfig:
         if self.scale not in (2, 3, 4):
             raise ValueError(f"scale must be 2, 3 or 4, got {self.scale}")
         self.tiling  # checks the tile and its overlap
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         unknown = set(self.compare) - set(INITS)
         if unknown:
             raise ValueError(f"unknown initialisations {sorted(unknown)}; choose from {', '.join(INITS)}")
@@ -253,31 +259,118 @@ def _read_npy(stream, size: int) -> np.ndarray:
     return np.lib.format.read_array(stream, allow_pickle=False)
 
 
-def read_bounds_json(path: Path, model: Model, bits: int) -> dict:
-    """Bounds for every quantizer of `model` from `{official quantizer name: [l, u]}` (a missing one would
-    silently stay in full precision)."""
-    named = read_json_object(path)
-    missing = sorted(set(map(official_name, list_sites(model.config))) - set(named))
-    if missing:
-        raise ValueError(f"{path}: no bounds for {len(missing)} of the model's quantizers, e.g. {missing[0]}")
+BOUNDS_FORMAT = "jaxquant bounds"
+
+
+def read_bounds_json(path: Path, config: ModelConfig, bits: int | None = None) -> dict:
+    """Bounds for every quantizer of the model `config` describes, from a file of `write_bounds_json` (its bits
+    per site; a file made for another model is refused, naming both) or a plain `{official quantizer name:
+    [l, u]}` (the official code's names, all at `bits`). Given `bits`, every site of the file must have them."""
+    saved = read_json_object(path)
     try:
-        return bounds_from_official(named, model.config, bits)
+        if saved.get("format") == BOUNDS_FORMAT:
+            named, bits_by_name = _read_bounds_file(saved, config, bits)
+        elif bits is None:
+            raise ValueError("plain {quantizer name: [l, u]} bounds carry no bit widths: give them")
+        else:
+            named, bits_by_name = saved, bits
+        missing = sorted(set(map(official_name, list_sites(config))) - set(named))
+        if missing:
+            raise ValueError(f"no bounds for {len(missing)} of the model's quantizers, e.g. {missing[0]}")
+        return bounds_from_official(named, config, bits_by_name)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
 
-def write_bounds_json(path: Path, bounds: dict) -> None:
-    """`{official quantizer name: [l, u]}`; float32 values survive the JSON round trip exactly."""
+def _read_bounds_file(saved: dict, config: ModelConfig, bits: int | None) -> tuple[dict, dict]:
+    """`(name -> [l, u], name -> bits)` of a `write_bounds_json` file, checked against the model and `bits`."""
+    try:
+        made_for = models.config_from_json(saved["config"])
+        quantizers = dict(saved["quantizers"])
+        named = {name: q["lu"] for name, q in quantizers.items()}
+        bits_by_name = {name: q["bits"] for name, q in quantizers.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"damaged bounds file ({e!r})") from None
+    if made_for != config:
+        raise ValueError(f"bounds of {models.describe(made_for)}, but the model is {models.describe(config)}")
+    other = {name: b for name, b in bits_by_name.items() if b != bits}
+    if bits is not None and other:
+        name, width = next(iter(other.items()))
+        raise ValueError(f"{len(other)} quantizers are not at {bits} bits, e.g. {name} at {width!r}")
+    return named, bits_by_name
+
+
+def write_bounds_json(path: Path, bounds: dict, config: ModelConfig) -> None:
+    """The bounds of the model `config` describes, by official quantizer name with each one's bits, and the
+    config they belong to (float32 values survive the JSON round trip exactly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(bounds_to_official(bounds), indent=1))
+    bits = {official_name(p): b.bits for p, b in flat_bounds(bounds).items()}
+    quantizers = {name: {"lu": lu, "bits": bits[name]} for name, lu in bounds_to_official(bounds).items()}
+    saved = {"format": BOUNDS_FORMAT, "model": models.describe(config), "config": models.config_to_json(config),
+             "quantizers": quantizers}
+    write_atomically(path, json.dumps(saved, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # DQC with validation, best-bounds selection and exact resume
 
 
-def _validation_psnr(model: Model, bounds, set5: list[BenchmarkImage]) -> float:
-    return evaluate(model._replace(bounds=bounds), {"Set5": set5}, show_progress=False)["Set5"]["psnr"]
+def _validation_psnr(model: Model, bounds, images: Sequence[BenchmarkImage]) -> float:
+    return evaluate(model._replace(bounds=bounds), {"validation": images}, show_progress=False)["validation"]["psnr"]
+
+
+class Distillation(NamedTuple):
+    """Where a DQC run stands: the optimizer state, the best bounds so far (the latest without validation), the
+    key its batches are drawn from (step i uses `fold_in(key, i)`) and the validation log."""
+
+    state: DQCState
+    best: dict
+    key: jax.Array
+    history: list[dict]
+
+    @property
+    def kept(self) -> dict:
+        """The validation entry whose bounds are `best` (the highest PSNR, the later on a tie); {} without one."""
+        return max(reversed(self.history), key=lambda h: h["psnr"], default={})
+
+
+def distill(
+    model: Model, bounds: dict, dqc: DQCConfig, pool: PatchPool, *, seed: int = 0,
+    validation: Sequence[BenchmarkImage] | None = None, validate_every: int = 100,
+    resume: Distillation | None = None, stop_at: int | None = None,
+    after_step: Callable[[int, Distillation], bool] | None = None, desc: str = "DQC",
+) -> Distillation:
+    """DQC from `bounds`: `dqc.steps` Adam steps on batches of `dqc.batch` LR patches of `dqc.patch` pixels drawn
+    from `pool` (`patches.lr_pool_from_folder`), with a progress bar. `bounds` and `model` are left as they are.
+
+    With `validation` images (`data.load_benchmark`), the quantized model's Y-PSNR on them is measured every
+    `validate_every` steps and at the end, and `best` keeps the bounds of the best one (the starting bounds are
+    not candidates); without, `best` is the last step's bounds once it returns. `resume` continues a returned
+    (or checkpointed) run, which stays valid; `stop_at` ends it early at that step. `after_step(step, run)` runs after each step (the pipeline
+    checkpoints there) and stops the loop by returning True."""
+    run = resume or Distillation(init_state(bounds, dqc), bounds, jax.random.PRNGKey(seed), [])
+    start, stop = int(run.state.step), min(dqc.steps, stop_at or dqc.steps)
+    state, best, history = _copy(run.state), run.best, list(run.history)  # the loop donates its own state
+    with progress(dqc.steps, start, desc=desc) as bar:
+        for step in range(start, stop):
+            images, _ = sample_patches(pool, jax.random.fold_in(run.key, step), dqc.batch, dqc.patch)
+            state, terms = donating_dqc_step(model.config, dqc, state, model.params, images)
+            done = step + 1
+            bar.update(1)
+            if validation is not None and (done % validate_every == 0 or done == dqc.steps):
+                psnr = _validation_psnr(model, state.bounds, validation)
+                if psnr >= max((h["psnr"] for h in history), default=-np.inf):
+                    best = _copy(state.bounds)  # the next step donates the state's arrays
+                history.append({"step": done, "loss": float(terms["loss"]), "psnr": psnr})
+                bar.log(loss=float(terms["loss"]), psnr=psnr, best=max(h["psnr"] for h in history))
+            elif done % 10 == 0:
+                bar.log(loss=float(terms["loss"]))
+            run = Distillation(state, best, run.key, history)
+            if after_step is not None and after_step(done, run):
+                break
+    if validation is None:
+        run = run._replace(best=_copy(state.bounds))
+    return run
 
 
 def dqc_pool(run: QuantizeConfig) -> PatchPool:
@@ -288,60 +381,50 @@ def dqc_pool(run: QuantizeConfig) -> PatchPool:
 def run_dqc(
     model: Model, bounds: dict, run: QuantizeConfig, pool: PatchPool, run_dir: Path, stop_after: int | None = None
 ) -> tuple[dict, dict]:
-    """Train the bounds from `bounds` on patches of `pool` (`dqc_pool`); returns the best bounds on Set5 (of
-    `run.data_root`: `run` with its paths) and a log of the run.
+    """`distill` as a run directory holds it: validated on Set5 (of `run.data_root`: `run` with its paths), with
+    checkpoints every `checkpoint_every` steps that resume bit for bit. Returns the best bounds and a log.
 
-    Validation runs every `validate_every` steps and at the end; the initial (DOBI) bounds are not candidates,
-    so the result is always a DQC result. Checkpoints every `checkpoint_every` steps resume bit for bit.
     `stop_after` ends the run early at that step, checkpointed, as a kill would (`log["completed"]` is False).
     A first Ctrl-C stops it after the current step, checkpointed, with a `KeyboardInterrupt`.
     """
     dqc = run.dqc
-    set5 = load_benchmark(run.data_root, "Set5", run.scale)
-    key = jax.random.PRNGKey(run.seed)
-    # dqc_step donates its state: train on a copy, and copy what is kept from it.
-    state = (init_state(_copy(bounds), dqc), bounds, key)
+    stop = min(dqc.steps, stop_after or dqc.steps)
     history_file = run_dir / "validation.json"
-    with RunCheckpointer(run_dir, every=run.checkpoint_every) as checkpoints:
-        restored = checkpoints.restore_latest(state)
-        dqc_state, best, key = state if restored is None else restored
-        start, stop = int(dqc_state.step), min(dqc.steps, stop_after or dqc.steps)
+    fresh = Distillation(init_state(bounds, dqc), bounds, jax.random.PRNGKey(run.seed), [])
+    with RunCheckpointer(run_dir, every=run.checkpoint_every) as checkpoints, stop_on_interrupt() as interrupted:
+        restored = checkpoints.restore_latest(fresh[:3])
         # The validation log (float64 PSNRs, which pick the best step) is JSON beside the checkpoints and is
         # written before them: entries past the restored step never happened.
         logged = read_json(history_file) if history_file.is_file() else []
-        history = [h for h in logged if h["step"] <= start]
-        with progress(dqc.steps, start, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}") as bar, \
-                stop_on_interrupt() as interrupted:
-            for step in range(start, stop):
-                images, _ = sample_patches(pool, jax.random.fold_in(key, step), dqc.batch, dqc.patch)
-                dqc_state, terms = dqc_step(model.config, dqc, dqc_state, model.params, images)
-                done = step + 1
-                bar.update(1)
-                if done % run.validate_every == 0 or done == dqc.steps:
-                    psnr = _validation_psnr(model, dqc_state.bounds, set5)
-                    if psnr >= _best(history, {"set5_psnr": -np.inf})["set5_psnr"]:
-                        best = _copy(dqc_state.bounds)
-                    history.append({"step": done, "loss": float(terms["loss"]), "set5_psnr": psnr})
-                    bar.log(loss=float(terms["loss"]), psnr=psnr, best=_best(history)["set5_psnr"])
-                elif done % 10 == 0:
-                    bar.log(loss=float(terms["loss"]))
-                stopping = interrupted()
-                if done % run.checkpoint_every == 0 or done == stop or stopping:
-                    write_atomically(history_file, json.dumps(history, indent=1))
-                    checkpoints.save(done, (dqc_state, best, key), force=True)
-                if stopping:
-                    raise KeyboardInterrupt(f"DQC checkpointed at step {done}")
-    kept = _best(history, {"step": 0, "set5_psnr": None})
-    log = {"completed": stop == dqc.steps, "best_step": kept["step"], "best_set5_psnr": kept["set5_psnr"],
-           "validation": history,
+        resume = fresh
+        if restored is not None:
+            step = int(restored[0].step)
+            history = [{"step": h["step"], "loss": h["loss"], "psnr": h["set5_psnr"]} for h in logged if h["step"] <= step]
+            resume = Distillation(*restored, history)
+
+        def checkpoint(done: int, current: Distillation) -> bool:
+            stopping = interrupted()
+            if done % run.checkpoint_every == 0 or done == stop or stopping:
+                write_atomically(history_file, json.dumps(_set5_log(current.history), indent=1))
+                checkpoints.save(done, current[:3], force=True)
+            return stopping
+
+        result = distill(model, bounds, dqc, pool, seed=run.seed, validation=load_benchmark(run.data_root, "Set5", run.scale),
+                         validate_every=run.validate_every, resume=resume, stop_at=stop, after_step=checkpoint,
+                         desc=f"DQC W{run.bits}A{run.bits} x{run.scale}")
+        if interrupted():
+            raise KeyboardInterrupt(f"DQC checkpointed at step {int(result.state.step)}")
+    kept = result.kept
+    log = {"completed": stop == dqc.steps, "best_step": kept.get("step", 0), "best_set5_psnr": kept.get("psnr"),
+           "validation": _set5_log(result.history),
            "selection": "highest Set5 PSNR among the validation steps, the later one on a tie as BasicSR "
                         "(the initial bounds excluded)"}
-    return best, log
+    return result.best, log
 
 
-def _best(history: list[dict], default: dict | None = None) -> dict:
-    """The validation entry with the highest Set5 PSNR, the later one on a tie."""
-    return max(reversed(history), key=lambda h: h["set5_psnr"], default=default)
+def _set5_log(history: list[dict]) -> list[dict]:
+    """`distill`'s validation log as a run directory records it (validation.json, results.json)."""
+    return [{"step": h["step"], "loss": h["loss"], "set5_psnr": h["psnr"]} for h in history]
 
 
 def _copy(tree):
@@ -402,14 +485,23 @@ def _calibrate(model: Model, start: dict, run: QuantizeConfig, run_dir: Path, to
         for init in run.calibrations:
             method, strategy, label = INITS[init]
             if init not in todo:
-                stages[label] = read_bounds_json(_bounds_file(run_dir, init), model, run.bits)
+                stages[label] = read_bounds_json(_bounds_file(run_dir, init), model.config, run.bits)
                 continue
             bar.set_postfix_str(label)
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
-            stages[label] = jax.block_until_ready(calibrate(model.config, calibration, model.params, start, images))
-            write_bounds_json(_bounds_file(run_dir, init), stages[label])
+            stages[label] = _checked(label, calibrate(model.config, calibration, model.params, start, images))
+            write_bounds_json(_bounds_file(run_dir, init), stages[label], model.config)
             bar.update(1)
     return stages
+
+
+def _checked(label: str, bounds: dict) -> dict:
+    """`bounds`, once every site's pair is known to be finite and uncrossed (a one-line error names the site)."""
+    try:
+        validate_bounds(bounds)
+    except ValueError as e:
+        raise ValueError(f"{label} gave unusable bounds: {e}") from None
+    return bounds
 
 
 def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: dict) -> list:
@@ -426,7 +518,7 @@ def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: di
 
 def _compile_step(model: Model, start: dict, dqc: DQCConfig) -> None:
     images = jax.ShapeDtypeStruct((dqc.batch, dqc.patch, dqc.patch, 3), jnp.float32)
-    dqc_step.lower(model.config, dqc, init_state(start, dqc), model.params, images).compile()
+    donating_dqc_step.lower(model.config, dqc, init_state(start, dqc), model.params, images).compile()
 
 
 def _timed(fn, *args) -> float:
@@ -445,7 +537,12 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     unset (`QuantizeConfig.with_paths`).
 
     Every input loads before the run directory is claimed: a run recorded with a bad input could neither be
-    resumed nor started again there."""
+    resumed nor started again there. Matmuls run at `run.matmul_precision` throughout."""
+    with jax.default_matmul_precision(run.matmul_precision):
+        return _quantize_run(run, run_dir, data_root, resume)
+
+
+def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bool) -> dict:
     run = run.with_paths(data_root)
     if run.dqc and not resume:  # recorded as it runs here: a resume elsewhere then rounds the same
         run = dataclasses.replace(run, dqc=run.dqc.resolved())
@@ -453,7 +550,7 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     model = load_model(run.model)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:
         raise ValueError(f"{run.model} is a x{model.config.upscale} model, but --scale is {run.scale}")
-    imported = read_bounds_json(Path(run.import_bounds), model, run.bits) if run.import_bounds else None
+    imported = read_bounds_json(Path(run.import_bounds), model.config, run.bits) if run.import_bounds else None
     benchmarks = load_benchmarks(run.data_root, run.datasets, run.scale)  # a bad image fails now, not after DQC
     todo = [] if imported is not None else _uncalibrated(run, run_dir, resume)
     images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed) if todo else None
@@ -463,7 +560,8 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     start = init_bounds(model.config, QuantRules.uniform(run.bits))
     seconds = {}  # wall time of each phase in this process, compilation included
     with ThreadPoolExecutor(max_workers=1) as background:
-        ahead = background.submit(_timed, compile_concurrently, _compilations(model, start, run, benchmarks))
+        compilations = _compilations(model, start, run, benchmarks)
+        ahead = background.submit(with_matmul_precision_here(_timed), compile_concurrently, compilations)
         clock = time.perf_counter()
         stages = ({"imported": imported} if imported is not None
                   else _calibrate(model, start, run, run_dir, todo, images))
@@ -473,7 +571,8 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
 
     dqc_log = None
     if run.dqc is not None:
-        stages["DQC"], dqc_log = run_dqc(model, list(stages.values())[-1], run, pool, run_dir)
+        distilled, dqc_log = run_dqc(model, list(stages.values())[-1], run, pool, run_dir)
+        stages["DQC"] = _checked("DQC", distilled)
         seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 
@@ -483,12 +582,12 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     table = results_table(rows, run.datasets)
     seconds["evaluation"] = time.perf_counter() - clock
 
-    save_model(run_dir / "model", model._replace(bounds=final))
+    save_model(run_dir / "model", model._replace(bounds=final), overwrite=resume)  # a resume may have saved it
     lowbit_file = run_dir / f"model_w{run.bits}a{run.bits}.safetensors"
     size = {"file": lowbit_file.name, "bytes": save_lowbit(lowbit_file, model._replace(bounds=final)),
             "fp_float32_bytes": fp_bytes(model)}
     if run.export_bounds:
-        write_bounds_json(Path(run.export_bounds), final)
+        write_bounds_json(Path(run.export_bounds), final, model.config)
     comparison_grid(
         {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
         benchmarks[run.datasets[0]][:3], run_dir / "comparison.png",

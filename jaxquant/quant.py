@@ -37,6 +37,9 @@ Array = jax.Array
 
 # The smallest step a clamped bound pair may have: keeps s > 0 (no NaN) if optimisation crosses u below l.
 MIN_RANGE = 1e-8
+# The bit widths a site may have: 2DQuant's W2..W4 and up to 8, whose codes still fit a uint8 (1 bit is not a
+# grid of the paper's quantizer: its single step spans [l, u]).
+BIT_WIDTHS = range(2, 9)
 
 
 @flax.struct.dataclass
@@ -46,9 +49,24 @@ class Bounds:
     lu: Array
     bits: int = flax.struct.field(pytree_node=False)
 
+    def __post_init__(self):
+        check_bits(self.bits)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The quantizer
+
+
+def check_bits(bits, where: str | None = None) -> None:
+    """A one-line ValueError unless `bits` is a Python int in `BIT_WIDTHS` (exactly int: not True, not 4.0)."""
+    if type(bits) is not int or bits not in BIT_WIDTHS:
+        raise ValueError(f"bit width {bits!r}{f' of {where}' if where else ''}: expected an integer "
+                         f"{BIT_WIDTHS[0]}..{BIT_WIDTHS[-1]}")
+
+
+def is_traced(x) -> bool:
+    """Whether `x` is a tracer (under jit, grad or vmap): its values cannot be checked, only its shape."""
+    return isinstance(x, jax.core.Tracer)
 
 
 def check_finite_pair(lu, where: str = "bounds") -> np.ndarray:
@@ -56,13 +74,20 @@ def check_finite_pair(lu, where: str = "bounds") -> np.ndarray:
     lu = np.asarray(lu)
     if lu.shape != (2,):
         raise ValueError(f"{where}: expected [lower, upper], got shape {lu.shape}")
+    if np.all(np.isnan(lu)):
+        raise ValueError(f"{where}: uncalibrated bounds (init_bounds leaves them NaN): calibrate them first")
     if not np.all(np.isfinite(lu)):
         raise ValueError(f"{where}: non-finite bounds {lu.tolist()}")
     return lu
 
 
 def check_bounds(lu, where: str = "bounds") -> None:
-    """Raise a one-line ValueError unless `lu` is a finite pair with lower < upper."""
+    """Raise a one-line ValueError unless `lu` is a finite pair with lower < upper. Traced bounds (under jit,
+    grad or vmap) are let through: only their shape is known, and the traced quantizer keeps its step positive."""
+    if is_traced(lu):
+        if jnp.shape(lu) != (2,):
+            raise ValueError(f"{where}: expected [lower, upper], got shape {jnp.shape(lu)}")
+        return
     lu = check_finite_pair(lu, where)
     if not lu[0] < lu[1]:
         raise ValueError(f"{where}: upper bound {lu[1]} must exceed lower bound {lu[0]}")
@@ -83,10 +108,8 @@ def true_divide(x: Array, s: Array) -> Array:
 
 def fake_quant(x: Array, lu: Array, bits: int) -> Array:
     """Quantize-dequantize `x` on the uniform `bits`-bit grid spanning `lu = [l, u]` (paper Eq. 1)."""
-    if not isinstance(bits, int) or bits < 1:
-        raise ValueError(f"bits must be a positive Python int, got {bits!r}")
-    if not isinstance(lu, jax.core.Tracer):
-        check_bounds(lu)
+    check_bits(bits)
+    check_bounds(lu)
     s = step_size(lu, bits).astype(x.dtype)  # autodiff through s gives the affine terms of Eq. 2
     return _quantize_dequantize(x, lu[0].astype(x.dtype), lu[1].astype(x.dtype), s)
 
@@ -146,7 +169,8 @@ def integer_affine(lu: Array, bits: int) -> tuple[Array, Array]:
 def integer_view(x: Array, lu: Array, bits: int) -> tuple[Array, Array, Array]:
     """`(codes, scale, offset)` with uint8 codes in [0, 2^bits - 1] and `fake_quant(x) == codes * scale + offset`
     (jittable: `bits` static; crossed bounds as `integer_affine` says)."""
-    if not isinstance(lu, jax.core.Tracer):
+    check_bits(bits)
+    if not is_traced(lu):
         check_finite_pair(lu)
     lu = jnp.asarray(lu)
     lower = lu[0].astype(x.dtype)
@@ -179,6 +203,12 @@ def _recording_site(module: nn.Module, name: str, x: Array) -> Array:
 def list_sites(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every quantization site of the model under `config`: '/'-joined path -> tensor shape (for a small input:
     16x16 for SwinIR-light, 32x32 for NGswin)."""
+    return dict(_traced_sites(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_sites(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """`list_sites`, traced once per config (a trace of the whole model takes about half a second)."""
     size = models.architecture(config).probe_size(config)
     x = jax.ShapeDtypeStruct((1, size, size, config.in_chans), jnp.float32)
 
@@ -205,24 +235,46 @@ class QuantRules:
 
     rules: tuple[tuple[str, int | None], ...]
 
+    def __post_init__(self):
+        for pattern, bits in self.rules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"quantization rule {pattern!r} is not a regular expression: {e}") from None
+            if bits is not None:
+                check_bits(bits, where=f"quantization rule {pattern!r}")
+
     @classmethod
     def uniform(cls, bits: int) -> "QuantRules":
         return cls(rules=((r".*", bits),))
 
-    def bits_for(self, path: str) -> int | None:
+    def rule_for(self, path: str) -> tuple[str, int | None]:
+        """The first rule whose pattern fully matches `path`."""
         for pattern, bits in self.rules:
             if re.fullmatch(pattern, path):
-                return bits
+                return pattern, bits
         raise ValueError(f"no quantization rule covers site {path!r}")
 
+    def bits_by_site(self, sites: Iterable[str]) -> dict[str, int | None]:
+        """Each site's bits; a ValueError names a rule that no site reaches (a typo, or an official quantizer
+        name such as `.*mymodule_a` where site paths are meant), which would otherwise change nothing silently."""
+        chosen = {path: self.rule_for(path) for path in sites}
+        unused = [pattern for pattern, _ in self.rules if pattern not in {p for p, _ in chosen.values()}]
+        if unused:
+            example = next(iter(chosen), "")
+            raise ValueError(f"quantization rule {unused[0]!r} applies to no site (earlier rules take them, or it "
+                             f"matches none: rules match site paths such as {example!r})")
+        return {path: bits for path, (_, bits) in chosen.items()}
 
-def init_bounds(config: ModelConfig, rules: QuantRules, fill=(-1.0, 1.0)) -> dict:
-    """A bounds pytree with one `Bounds` per quantized site (values `fill`, to be calibrated)."""
-    flat = {}
-    for path in list_sites(config):
-        bits = rules.bits_for(path)
-        if bits is not None:
-            flat[tuple(path.split("/"))] = Bounds(jnp.asarray(fill, jnp.float32), bits)
+
+def init_bounds(config: ModelConfig, rules: QuantRules, fill=(np.nan, np.nan)) -> dict:
+    """A bounds pytree with one `Bounds` per quantized site. Its values are `fill`: NaN by default, to be
+    calibrated (`dobi.calibrate`) or set; `quantize` refuses bounds left uncalibrated."""
+    flat = {
+        tuple(path.split("/")): Bounds(jnp.asarray(fill, jnp.float32), bits)
+        for path, bits in rules.bits_by_site(list_sites(config)).items()
+        if bits is not None
+    }
     return unflatten_dict(flat)
 
 
@@ -271,8 +323,11 @@ def bounds_to_official(bounds: Mapping) -> dict[str, list[float]]:
     return {official_name(p): [float(v) for v in np.asarray(b.lu)] for p, b in flat_bounds(bounds).items()}
 
 
-def bounds_from_official(named: Mapping[str, Iterable[float]], config: ModelConfig, bits: int) -> dict:
-    """Bounds from `{official quantizer name: [l, u]}`; every name must be a site of `config`."""
+def bounds_from_official(
+    named: Mapping[str, Iterable[float]], config: ModelConfig, bits: int | Mapping[str, int]
+) -> dict:
+    """Bounds from `{official quantizer name: [l, u]}` at `bits` (one width, or one per name); every name must
+    be a site of `config`."""
     sites = list_sites(config)
     flat = {}
     for name, lu in named.items():
@@ -285,7 +340,9 @@ def bounds_from_official(named: Mapping[str, Iterable[float]], config: ModelConf
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name}: bounds must be two numbers, got {lu!r}") from e
         check_bounds(lu, where=name)
-        flat[path] = Bounds(jnp.asarray(lu), bits)
+        width = bits[name] if isinstance(bits, Mapping) else bits
+        check_bits(width, where=name)
+        flat[path] = Bounds(jnp.asarray(lu), width)
     return nest_bounds(flat)
 
 
@@ -312,7 +369,24 @@ class QuantizedSwinIR:
 
     def __call__(self, x: Array) -> Array:
         """(B, H, W, C) in [0, 1] -> (B, sH, sW, C)."""
+        check_images(x, self.config.in_chans)
         return _apply_quantized(self.config, self.variables, x)
+
+
+def check_images(x: Array, channels: int) -> None:
+    """A one-line ValueError unless `x` is what the model takes: a float batch (B, H, W, channels), NHWC, with values
+    in [0, 1] (checked where they are known, not under a trace)."""
+    shape, dtype = jnp.shape(x), jnp.result_type(x)
+    if len(shape) != 4 or shape[-1] != channels:
+        hint = " (NCHW? the model takes NHWC)" if len(shape) == 4 and shape[1] == channels else ""
+        raise ValueError(f"images must be shaped (B, H, W, {channels}), got {shape}{hint}")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"images must be floats in [0, 1], got {dtype} (divide uint8 images by 255)")
+    if not is_traced(x):
+        values = np.asarray(x)  # with numpy: inside a trace, jnp would trace even a concrete array
+        lo, hi = float(values.min()), float(values.max())
+        if not (0 <= lo and hi <= 1):  # NaN fails too
+            raise ValueError(f"images must be in [0, 1], got values from {lo:g} to {hi:g}")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -157,7 +157,10 @@ class RunCheckpointer:
         )
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
-        """Save `state` as `step` if `step` is on the interval (or `force`); True if it saved."""
+        """Save `state` as `step` if `step` is on the interval (or `force`); True if it saved. Off the interval
+        nothing is read: packing copies the whole state to the host."""
+        if not (force or self._manager.should_save(step)):
+            return False
         return self._manager.save(step, args=ocp.args.StandardSave(_pack(state)), force=force)
 
     def latest_step(self) -> int | None:

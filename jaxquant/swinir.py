@@ -100,7 +100,7 @@ class SwinIRConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return int(self.embed_dim * self.mlp_ratio)  # as the official SwinIR rounds it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +111,15 @@ class SwinIRConfig:
         for key in ("depths", "num_heads"):
             d[key] = tuple(int(v) for v in d[key])
         return cls(**d)
+
+
+def mlp_ratio_for(hidden: int, embed_dim: int) -> float:
+    """The mlp_ratio of a model whose MLP has `hidden` units: the smallest float whose product with `embed_dim`
+    truncates to `hidden` (hidden / embed_dim alone can fall an ulp short: 42 * (51 / 42) < 51)."""
+    ratio = hidden / embed_dim
+    while int(embed_dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 def _is_power_of_two_or_three(s: int) -> bool:
@@ -150,7 +159,7 @@ def config_from_params(params: Mapping) -> SwinIRConfig:
     common = dict(
         in_chans=in_chans, embed_dim=embed_dim, depths=depths, num_heads=tuple(t[1] for t in tables),
         window_size=(math.isqrt(tables[0][0]) + 1) // 2,
-        mlp_ratio=shape("layers_0", *table[:2], "mlp", "fc1", "kernel", rank=2)[1] / embed_dim,
+        mlp_ratio=mlp_ratio_for(shape("layers_0", *table[:2], "mlp", "fc1", "kernel", rank=2)[1], embed_dim),
     )
     if "conv_before_upsample_0" not in params:  # pixelshuffledirect: one conv to in_chans * scale**2 channels
         config = SwinIRConfig(upscale=math.isqrt(shape("upsample_0", "kernel", rank=4)[3] // in_chans), **common)
@@ -197,23 +206,32 @@ def relative_position_index(ws: int) -> np.ndarray:
     return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
 
 
-@functools.lru_cache(maxsize=None)
-def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
-    """(nW, ws*ws, ws*ws) additive mask, -100 between tokens from different regions (`calculate_mask`)."""
-    region = np.zeros((1, h, w, 1), np.float32)
-    bands = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    for i, (hs, wsl) in enumerate((a, b) for a in bands for b in bands):
-        region[:, hs, wsl, :] = i
-    ids = np.asarray(window_partition(region, ws))[..., 0]  # (nW, ws*ws)
-    return np.where(ids[:, None, :] != ids[:, :, None], -100.0, 0.0).astype(np.float32)
+def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> Array:
+    """(nW, ws*ws, ws*ws) additive mask, -100 between tokens from different regions (`calculate_mask`).
+
+    Built in the graph from each token's region id, not stored: as a constant it would be baked into every
+    compiled program and kept per image size (43 MB for one Urban100 image at x2)."""
+
+    def band(length: int) -> Array:  # 0 before the last window, 1 in it before the shift, 2 from the shift on
+        i = jnp.arange(length)
+        return (i >= length - ws).astype(jnp.int32) + (i >= length - shift).astype(jnp.int32)
+
+    region = band(h)[:, None] * 3 + band(w)[None, :]
+    ids = window_partition(region[None, :, :, None], ws)[..., 0]  # (nW, ws*ws)
+    return jnp.where(ids[:, None, :] != ids[:, :, None], jnp.float32(-100.0), jnp.float32(0.0))
 
 
 def flip_pad(x: Array, multiple: int) -> Array:
-    """Pad H and W up to a multiple by appending the flipped image (2DQuant's test-time padding)."""
+    """Pad H and W up to a multiple by appending the flipped image (2DQuant's test-time padding), again and again
+    for an image shorter than half the multiple: x, flip(x), x, ..."""
     _, h, w, _ = x.shape
-    ph, pw = -h % multiple, -w % multiple
-    x = jnp.concatenate([x, jnp.flip(x, 1)], 1)[:, : h + ph]
-    return jnp.concatenate([x, jnp.flip(x, 2)], 2)[:, :, : w + pw]
+    return _mirror_extend(_mirror_extend(x, 1, h + -h % multiple), 2, w + -w % multiple)
+
+
+def _mirror_extend(x: Array, axis: int, length: int) -> Array:
+    while x.shape[axis] < length:
+        x = jnp.concatenate([x, jnp.flip(x, axis)], axis)
+    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
 def pixel_shuffle(x: Array, r: int) -> Array:
@@ -269,7 +287,7 @@ class WindowAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, mask: np.ndarray | None) -> Array:
+    def __call__(self, x: Array, mask: Array | None) -> Array:
         ws, heads = self.window_size, self.num_heads
         bn, n, c = x.shape  # (B*nW, ws*ws, C)
         table = self.param(
@@ -286,7 +304,7 @@ class WindowAttention(nn.Module):
         attn = attn + bias.astype(attn.dtype)[None]
         if mask is not None:
             nw = mask.shape[0]
-            attn = attn.reshape(bn // nw, nw, heads, n, n) + jnp.asarray(mask, attn.dtype)[None, :, None, :, :]
+            attn = attn.reshape(bn // nw, nw, heads, n, n) + mask.astype(attn.dtype)[None, :, None, :, :]
             attn = attn.reshape(bn, heads, n, n)
         attn = softmax(attn)
         # Heads-major output (B*nW, heads, n, d), then one transpose: XLA:CPU runs this batched matmul 2.5x
@@ -449,7 +467,7 @@ class RSTB(nn.Module):
 
 
 class SwinIR(nn.Module):
-    """SwinIR for super-resolution. Input (B, H, W, C) in [0, 1], any H and W; output (B, sH, sW, C).
+    """SwinIR for super-resolution. Input (B, H, W, C) in [0, 1], any H, W >= 1; output (B, sH, sW, C).
 
     Returns `(output, stage_features)` with the four stage features shaped (B, H'*W', embed_dim), where
     H', W' are H, W flip-padded up to a multiple of the window. `remat` recomputes each Swin block in the
@@ -506,6 +524,12 @@ def _upsample_steps(scale: int) -> tuple[int, ...]:
 
 def param_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
     """Flax parameter shapes of SwinIR under `config`, keyed by '/'-joined path (traced, no compute)."""
+    return dict(_traced_param_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_param_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
+    """`param_shapes`, traced once per config."""
     size = 2 * config.window_size
     x = jax.ShapeDtypeStruct((1, size, size, config.in_chans), jnp.float32)
     return _leaf_shapes(jax.eval_shape(SwinIR(config).init, jax.random.PRNGKey(0), x)["params"])

@@ -30,6 +30,7 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxquant.checkpoint import Model, load_model, save_model
+from jaxquant.cli import MATMUL_PRECISIONS
 from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
 from jaxquant.evaluate import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
@@ -69,6 +70,7 @@ class TrainConfig:
     data_root: str = ""  # holds benchmark/Set5; "": `default_data_root()`
     train_dir: str = ""  # HR training images; "": <data_root>/train/t291
     init: str = ""  # any `load_model` source; "": random init
+    matmul_precision: str = "highest"  # jax_default_matmul_precision for the whole run (cli.MATMUL_PRECISIONS)
 
     def __post_init__(self):
         if self.model is not None and self.model.upscale != self.scale:
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"val_every must be >= 0, got {self.val_every}")
         if not self.lr > 0:  # also refuses NaN, which trained to a NaN loss and reported "done"
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
 
     @property
     def swinir(self) -> SwinIRConfig:
@@ -226,9 +230,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
     `run_dir` gets `train_config.json`, `checkpoints/<step>` every `cfg.ckpt_every` steps, and at the end
     `model/` (a `load_model` source) with `results.json` / `results.md`. `stop_after` ends the process
     after that step as if it were killed (for time-boxed jobs and tests). A first Ctrl-C stops the run after
-    the current step, checkpointed, with a `KeyboardInterrupt`.
+    the current step, checkpointed, with a `KeyboardInterrupt`. Matmuls run at `cfg.matmul_precision`.
     """
-    run_dir = Path(run_dir)
+    with jax.default_matmul_precision(cfg.matmul_precision):
+        return _train(cfg, Path(run_dir), resume, stop_after)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, stop_after: int | None) -> dict | None:
     check_run_dir(run_dir, CONFIG_FILE, resume, RUN_KIND)
     pool = lr_pool_from_folder(cfg.images_dir, cfg.scale, min_size=cfg.patch)
     val_images = load_benchmark(cfg.data_dir, "Set5", cfg.scale) if cfg.val_every else []
@@ -259,7 +267,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
     if end < cfg.steps:
         return None
     psnr = validate(cfg.swinir, state.params, val_images) if val_images else None
-    save_model(run_dir / "model", Model(cfg.swinir, state.params))
+    save_model(run_dir / "model", Model(cfg.swinir, state.params), overwrite=resume)  # a resume may have saved it
     results = {
         "set5_psnr_y": psnr,
         "final_loss": None if loss is None else float(loss),

@@ -8,9 +8,11 @@ import argparse
 import json
 from pathlib import Path
 
+import jax
+
 from jaxquant.checkpoint import load_model
 from jaxquant.integer import load_integer_model
-from jaxquant.cli import add_tiling_flags, main_guard
+from jaxquant.cli import add_matmul_precision_flag, add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import benchmark_names, check_output_path, load_benchmarks, resolve_data_root
 from jaxquant.evaluate import Tiling, evaluate, results_table
@@ -47,20 +49,23 @@ def main():
     parser.add_argument("--out", type=Path, help="write per-image and mean results here (JSON)")
     parser.add_argument("--save-images", type=Path, metavar="DIR", help="write the SR images here")
     add_tiling_flags(parser)
+    add_matmul_precision_flag(parser)
     args = parser.parse_args()
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     tiling = Tiling(args.tile, args.tile_overlap)
     root = resolve_data_root(args.data_root)
     datasets = benchmark_names(args.datasets, root)
     check_outputs(args.out, args.save_images, datasets)
     model = load_integer_model(args.model) if args.integer else load_model(args.model)
     kind = "integer" if args.integer else "FP" if model.bounds is None else "quantized"
-    print(f"{describe(model.config)}, {kind}")
+    print(f"{describe(model.config)}, {kind}, matmul precision {args.matmul_precision}")
     benchmarks = load_benchmarks(root, datasets, model.config.upscale)
     results = evaluate(model, benchmarks, tiling=tiling, save_dir=args.save_images)
     print(results_table({kind: results}, datasets))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": str(args.model), "kind": kind, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"model": str(args.model), "kind": kind,
+                                        "matmul_precision": args.matmul_precision, "results": results}, indent=2))
         print(f"results -> {args.out}")
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from jaxquant.cli import add_tiling_flags, main_guard
+from jaxquant.cli import add_matmul_precision_flag, add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.dobi import Strategy
 from jaxquant.data import benchmark_names, resolve_data_root
@@ -34,7 +34,7 @@ CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "
 IGNORED_WITH = {
     "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
                                                   "--import-bounds", "--export-bounds", "--run-dir", "--seed",
-                                                  "--tile", "--tile-overlap"},
+                                                  "--tile", "--tile-overlap", "--matmul-precision"},
     "--no-dqc": DQC_FLAGS,
     "--import-bounds": CALIBRATION_FLAGS,
 }
@@ -96,6 +96,7 @@ def parse_args():
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its settings")
     p.add_argument("--seed", type=int, default=0, help="draws the calibration patches from an image folder and "
                    "the DQC batches (default: 0)")
+    add_matmul_precision_flag(p)
     args = p.parse_args()
     given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
     for flag, ignored in IGNORED_WITH.items():
@@ -124,6 +125,7 @@ def config_from_args(args, data_root: Path) -> tuple[QuantizeConfig, str | None]
         datasets=tuple(benchmark_names(args.datasets, data_root)), tile=args.tile, tile_overlap=args.tile_overlap,
         import_bounds=args.import_bounds,
         compare=tuple(c for c in args.compare.split(",") if c), export_bounds=args.export_bounds, seed=args.seed,
+        matmul_precision=args.matmul_precision,
     ), preset
 
 
@@ -138,6 +140,7 @@ def main():
         run, preset = config_from_args(args, root)
         run_dir = args.run_dir or Path("runs") / f"x{run.scale}_w{run.bits}a{run.bits}"
         print(f"DQC preset: {preset or 'none'}" + ("" if args.preset or args.no_dqc else " (chosen by backend)"))
+    print(f"matmul precision: {run.matmul_precision}")
     try:
         results = quantize_run(run, run_dir, root, resume=bool(args.resume))
     except KeyboardInterrupt as stopped:

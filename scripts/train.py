@@ -14,14 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from jaxquant.cli import main_guard
+from jaxquant.cli import add_matmul_precision_flag, main_guard
 from jaxquant.data import list_images, resolve_data_root
 from jaxquant.runs import interrupted_run
 from jaxquant.train import CONFIG_FILE, TrainConfig, load_config, preset, train
 
 # flags named after TrainConfig fields; with --resume none may be given (the run dir holds the config)
 CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "warmup", "bf16", "remat", "val_every", "ckpt_every", "init", "seed",
-                "data_root", "train_dir")
+                "data_root", "train_dir", "matmul_precision")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/train_x<scale>_<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its own config")
+    add_matmul_precision_flag(p, default=None)
     args = p.parse_args(argv)
     spelled = {"remat": "no-remat"}
     given = [f"--{spelled.get(flag, flag.replace('_', '-'))}" for flag in (*CONFIG_FLAGS, "run_dir")

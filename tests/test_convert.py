@@ -1,6 +1,7 @@
 """PyTorch -> Flax conversion: layouts accepted, config inference, and loud refusals (in the library and the CLI)."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -65,7 +66,7 @@ def test_release_layouts_are_accepted(state_dict):
     with_masks = dict(state_dict)
     for i in range(4):
         for j in (1, 3, 5):
-            with_masks[f"layers.{i}.residual_group.blocks.{j}.attn_mask"] = shifted_window_mask(64, 64, 8, 4)
+            with_masks[f"layers.{i}.residual_group.blocks.{j}.attn_mask"] = np.asarray(shifted_window_mask(64, 64, 8, 4))
     wrapped = {"params_ema": {f"module.{k}": v for k, v in with_masks.items()}}
     config, params = torch_to_flax(unwrap_state_dict(wrapped))
     assert config.upscale == 2
@@ -249,7 +250,7 @@ def test_convert_cli_refuses_param_key_for_a_checkpoint(tmp_path):
 def quantized_checkpoint(tmp_path_factory) -> Path:
     """A W4A4 x2 model checkpoint, for tests to copy and damage."""
     model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
-    bounds = init_bounds(model.config, QuantRules.uniform(4))
+    bounds = init_bounds(model.config, QuantRules.uniform(4), fill=(-1.0, 1.0))
     return save_model(tmp_path_factory.mktemp("model") / "q", Model(model.config, model.params, bounds))
 
 
@@ -335,11 +336,29 @@ def test_an_edited_model_checkpoint_names_itself_and_the_fault(tmp_path, quantiz
 ])
 def test_a_model_saved_with_unusable_bounds_is_refused_on_load(tmp_path, lu, message):
     model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
-    flat = flat_bounds(init_bounds(model.config, QuantRules.uniform(4)))
+    flat = flat_bounds(init_bounds(model.config, QuantRules.uniform(4), fill=(-1.0, 1.0)))
     flat[SITE] = Bounds(lu, 4)
     checkpoint = save_model(tmp_path / "q", model._replace(bounds=nest_bounds(flat)))
     with pytest.raises(ValueError, match=re.escape(f"{checkpoint.resolve()} is a damaged checkpoint: {message}")):
         load_model(checkpoint)
+
+
+def test_loading_a_checkpoint_leaves_the_process_hooks_alone(quantized_checkpoint):
+    before = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
+    load_model(quantized_checkpoint)
+    assert (sys.unraisablehook, logging.getLogger("asyncio").filters) == before
+
+
+def test_save_model_refuses_an_existing_directory(tmp_path):
+    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x2_t291.pth"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'taken'} exists; save elsewhere or pass "
+                                                        "overwrite=True")):
+        save_model(tmp_path / "taken", model)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    save_model(tmp_path / "taken", model, overwrite=True)
+    assert load_model(tmp_path / "taken").config == model.config
 
 
 def test_a_run_checkpoint_without_its_item_names_it(tmp_path):

@@ -2,6 +2,7 @@
 
 import platform
 
+import jax
 import pytest
 
 from jaxquant import cpu_memory, dqc
@@ -59,5 +60,19 @@ def test_keeping_the_scratch_after_jax_has_run_is_refused():
 def test_cpu_block_execution_follows_the_kept_scratch(monkeypatch, kept, batch, patch, given, expected):
     monkeypatch.setattr(dqc, "cpu_scratch_kept", lambda: kept)
     config = DQCConfig(batch=batch, patch=patch, **given)
-    assert config.block_execution() == expected
+    assert config.block_execution(batch * patch**2) == expected
     assert (config.resolved().remat, config.resolved().scan) == expected
+
+
+@pytest.mark.parametrize("platforms, plugins, expected", [
+    (None, [], False), (None, ["cuda"], True), ("cpu", ["cuda"], False), ("cuda,cpu", [], True),
+])
+def test_an_accelerator_is_recognised_before_jax_starts(monkeypatch, platforms, plugins, expected):
+    """On an accelerator host the scratch settings would only cost host memory: keep_cpu_scratch leaves them."""
+    previous = jax.config.jax_platforms
+    monkeypatch.setattr(cpu_memory.importlib.metadata, "entry_points", lambda group: plugins)
+    jax.config.update("jax_platforms", platforms)
+    try:
+        assert cpu_memory.accelerator_expected() == expected
+    finally:
+        jax.config.update("jax_platforms", previous)

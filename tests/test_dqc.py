@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxquant.dqc as dqc_module
 from conftest import nhwc
 from jaxquant.dqc import DQCConfig, distillation_loss, dqc_step, init_state, official_loss, paper_loss
 from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, quantized_site
@@ -247,3 +248,44 @@ def test_adam_settings_are_the_official_ones():
     dqc = DQCConfig()
     assert (dqc.lr, dqc.b1, dqc.b2, dqc.eps, dqc.steps, dqc.batch, dqc.patch, dqc.cosine) == (
         1e-2, 0.9, 0.99, 1e-8, 4000, 16, 64, False)
+
+
+TINY = SwinIRConfig(upscale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dqc():
+    images = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    params = SwinIR(TINY).init(jax.random.PRNGKey(1), images[:1, :8, :8])["params"]
+    return params, init_bounds(TINY, QuantRules.uniform(2), fill=(-0.5, 0.5)), images
+
+
+def test_a_step_leaves_what_it_was_given_valid(tiny_dqc):
+    """Neither the bounds a state starts from nor the state a step takes are invalidated (donated)."""
+    params, bounds, images = tiny_dqc
+    dqc = DQCConfig(batch=4, patch=32)
+    state = init_state(bounds, dqc)
+    new, _ = dqc_step(TINY, dqc, state, params, images)
+    again, _ = dqc_step(TINY, dqc, state, params, images)  # the same state, once more
+    for tree in (bounds, state.bounds, new.bounds):
+        assert all(not leaf.is_deleted() for leaf in jax.tree.leaves(tree))
+    np.testing.assert_array_equal(ravel(again.bounds), ravel(new.bounds))
+    assert np.abs(ravel(new.bounds) - ravel(bounds)).max() > 0
+
+
+def ravel(tree):
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+
+def test_a_step_runs_as_its_batch_needs_whatever_the_loop_settings(tiny_dqc, monkeypatch):
+    """`batch`, `patch` and `steps` are the loop's settings: a step on a 4 x 32 x 32 batch compiles to the same
+    program under the official defaults (batch 16 of 64x64) as under matching settings."""
+    monkeypatch.setattr(dqc_module, "cpu_scratch_kept", lambda: True)  # where the batch size decides
+    params, bounds, images = tiny_dqc
+
+    def program(dqc):
+        return dqc_step.lower(TINY, dqc, init_state(bounds, dqc), params, images).as_text()
+
+    assert program(DQCConfig()) == program(DQCConfig(batch=4, patch=32, steps=160))
+    assert DQCConfig().block_execution(4 * 32 * 32) == (False, False)
+    assert DQCConfig().block_execution(16 * 64 * 64) == (True, True)

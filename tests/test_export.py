@@ -69,7 +69,7 @@ def test_torch_reads_the_export(real_pth, exported):
 
 def test_quantized_model_exports_fp_params_with_a_note(real_pth, tmp_path, capsys):
     model = load_model(real_pth)
-    save_model(tmp_path / "q", Model(model.config, model.params, init_bounds(model.config, QuantRules.uniform(4))))
+    save_model(tmp_path / "q", Model(model.config, model.params, init_bounds(model.config, QuantRules.uniform(4), fill=(-1.0, 1.0))))
     export([tmp_path / "q", "-o", tmp_path / "q.pth"])
     assert "bounds not exported" in capsys.readouterr().out
     written = unwrap_state_dict(load_pth(tmp_path / "q.pth"))

@@ -8,6 +8,7 @@ import runpy
 import sys
 import zipfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -19,8 +20,10 @@ from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
 from jaxquant import pipeline
-from jaxquant.patches import PatchPool
-from jaxquant.pipeline import QuantizeConfig, dqc_pool, load_calibration, quantize_run, read_bounds_json, run_dqc
+from jaxquant.evaluate import with_matmul_precision_here
+from jaxquant.patches import PatchPool, lr_pool_from_folder
+from jaxquant.pipeline import (QuantizeConfig, distill, dqc_pool, load_calibration, quantize_run, read_bounds_json,
+                               run_dqc, write_bounds_json)
 from jaxquant.quant import QuantRules, flat_bounds, init_bounds, list_sites, official_name
 from jaxquant.swinir import swinir_light
 from test_convert import REPO, assert_one_line_error, run_script
@@ -324,7 +327,7 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     resumed = run_script("scripts/quantize.py", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "results.json").read_text())["results"] == results["results"]
-    assert len(json.loads((run_dir / "calibration" / "DOBI-official.json").read_text())) == 384
+    assert len(json.loads((run_dir / "calibration" / "DOBI-official.json").read_text())["quantizers"]) == 384
 
 
 def test_imported_bounds_are_checked(tmp_path, t291_model):
@@ -339,11 +342,13 @@ def test_imported_bounds_are_checked(tmp_path, t291_model):
     for case, (named, message) in cases.items():
         (tmp_path / "bounds.json").write_text(json.dumps(named))
         with pytest.raises(ValueError, match=re.escape(message)):
-            read_bounds_json(tmp_path / "bounds.json", model, 4)
+            read_bounds_json(tmp_path / "bounds.json", model.config, 4)
     (tmp_path / "bounds.json").write_text('{"a": ')
     with pytest.raises(ValueError, match="bounds.json: not valid JSON"):
-        read_bounds_json(tmp_path / "bounds.json", model, 4)
-    assert len(flat_bounds(read_bounds_json(_write(tmp_path / "ok.json", full), model, 4))) == 384
+        read_bounds_json(tmp_path / "bounds.json", model.config, 4)
+    assert len(flat_bounds(read_bounds_json(_write(tmp_path / "ok.json", full), model.config, 4))) == 384
+    with pytest.raises(ValueError, match=re.escape("ok.json: plain {quantizer name: [l, u]} bounds carry no bit")):
+        read_bounds_json(tmp_path / "ok.json", model.config)
 
 
 def _write(path: Path, value) -> Path:
@@ -401,7 +406,11 @@ def test_quantize_cli_bad_flags_are_one_line(tmp_path):
     assert_one_line_error(result, "Manga109")
     assert_one_line_error(run_script("scripts/quantize.py", "--steps", "0"), "DQC steps must be at least 1, got 0")
     assert_one_line_error(run_script("scripts/quantize.py", "--method", "percentile", "--percentile", "nan"),
-                          "percentile must be in (0, 100]")
+                          "percentile must be in (50, 100]")
+    # The percentile below 50 that once reported 384 of 384 sites crossed as a result:
+    assert_one_line_error(run_script("scripts/quantize.py", "--bits", "4", "--scale", "4", "--no-dqc", "--method",
+                                     "percentile", "--percentile", "30", "--compare", "", "--calib-patches", "2"),
+                          "percentile must be in (50, 100], got 30.0")
     ignored = run_script("scripts/quantize.py", "--no-dqc", "--steps", "5")
     assert ignored.returncode == 2 and "with --no-dqc, --steps would be ignored" in ignored.stderr
     ignored = run_script("scripts/quantize.py", "--no-dqc", "--no-scan")
@@ -411,3 +420,74 @@ def test_quantize_cli_bad_flags_are_one_line(tmp_path):
     result = run_script("scripts/quantize.py", "--no-dqc", "--import-bounds", str(bad), "--run-dir", str(tmp_path / "q"))
     assert_one_line_error(result, "no bounds for 383 of the model's quantizers")
     assert not (tmp_path / "q").exists()
+
+
+def test_bounds_files_keep_each_sites_bits_and_their_model(tmp_path):
+    """Mixed W4/A8 bounds come back at W4/A8, and bounds of the x4 model are refused by the x2 one, naming both."""
+    x4, x2 = swinir_light(4), swinir_light(2)
+    rules = QuantRules(rules=((r".*/weight", 4), (r".*", 8)))
+    mixed = jax.tree.map(lambda lu: lu.at[:].set([-0.5, 0.75]), init_bounds(x4, rules))
+    write_bounds_json(tmp_path / "mixed.json", mixed, x4)
+    back = flat_bounds(read_bounds_json(tmp_path / "mixed.json", x4))
+    assert {p: (b.bits, b.lu.tolist()) for p, b in back.items()} == {
+        p: (b.bits, [-0.5, 0.75]) for p, b in flat_bounds(mixed).items()}
+    with pytest.raises(ValueError, match=re.escape("mixed.json: bounds of SwinIR x4 (embed_dim 60, depths [6, 6, 6, 6],"
+                                                   " heads [6, 6, 6, 6], window 8, pixelshuffledirect), but the "
+                                                   "model is SwinIR x2")):
+        read_bounds_json(tmp_path / "mixed.json", x2)
+    with pytest.raises(ValueError, match=r"mixed.json: 240 quantizers are not at 4 bits, e.g. \S+ at 8"):
+        read_bounds_json(tmp_path / "mixed.json", x4, bits=4)  # what --import-bounds with --bits 4 asks
+
+
+def test_calibrated_bounds_are_checked_before_they_are_used(tmp_path, monkeypatch):
+    """A calibration that crosses a site's bounds stops the run with one line naming the site."""
+    def crossed_calibration(config, calibration, params, bounds, images):
+        return jax.tree.map(lambda lu: lu.at[:].set([1.0, -1.0]), bounds)
+
+    monkeypatch.setattr(pipeline, "calibrate", crossed_calibration)
+    run = QuantizeConfig(bits=4, scale=2, compare=(), calib_patches=1, calib_size=16)
+    with pytest.raises(ValueError, match=r"DOBI-official gave unusable bounds: layers_0/\S+: upper bound -1.0 must "
+                                         r"exceed lower bound 1.0"):
+        quantize_run(run, tmp_path / "run", DATA_ROOT)
+    with pytest.raises(ValueError, match=re.escape("DOBI needs at least one candidate, got num_candidates=0")):
+        pipeline.Calibration(num_candidates=0)
+
+
+def test_a_run_sets_and_records_its_matmul_precision(tmp_path, monkeypatch):
+    """The whole run, and the compilations it starts on other threads, run at the recorded precision."""
+    seen = []
+    monkeypatch.setattr(pipeline, "_quantize_run",
+                        lambda *_: seen.append(jax.config.jax_default_matmul_precision) or {})
+    assert QuantizeConfig().matmul_precision == "highest"
+    with jax.default_matmul_precision("bfloat16"):
+        quantize_run(QuantizeConfig(matmul_precision="high"), tmp_path, DATA_ROOT)
+        with ThreadPoolExecutor(1) as thread:
+            assert thread.submit(with_matmul_precision_here(lambda: jax.config.jax_default_matmul_precision)
+                                 ).result() == "bfloat16"
+    assert seen == ["high"]
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        QuantizeConfig(matmul_precision="tf32")
+
+
+def test_distill_is_a_research_api(tiny_train_dir):
+    """`distill` on a user's model, bounds and pool: the bounds given stay valid and unchanged, the result holds
+    the best validated bounds, and resuming a stopped run ends where an uninterrupted one does."""
+    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x4_t291.pth"))
+    bounds = init_bounds(model.config, QuantRules.uniform(2), fill=(-1.5, 1.5))
+    dqc = DQCConfig(steps=2, batch=1, patch=16, remat=False)
+    pool = lr_pool_from_folder(tiny_train_dir, 4, min_size=16, keep_hr=False)
+    set5 = pipeline.load_benchmark(DATA_ROOT, "Set5", 4)[:1]
+    straight = distill(model, bounds, dqc, pool, validation=set5, validate_every=1)
+    assert [h["step"] for h in straight.history] == [1, 2] and int(straight.state.step) == 2
+    assert straight.kept["psnr"] == max(h["psnr"] for h in straight.history)
+    stopped = distill(model, bounds, dqc, pool, validation=set5, validate_every=1, stop_at=1)
+    assert int(stopped.state.step) == 1 and stopped.history == straight.history[:1]
+    resumed = distill(model, bounds, dqc, pool, validation=set5, validate_every=1, resume=stopped)
+    assert resumed.history == straight.history
+    np.testing.assert_array_equal(_ravel(resumed.best), _ravel(straight.best))
+    assert all(not leaf.is_deleted() for leaf in jax.tree.leaves((bounds, stopped.state, stopped.best)))
+    assert set(np.unique(_ravel(bounds))) == {-1.5, 1.5}
+
+
+def _ravel(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])

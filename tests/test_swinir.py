@@ -1,5 +1,7 @@
 """SwinIR port: parity with the official PyTorch forward (golden arrays), structure and parameter counts."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +119,56 @@ def test_softmax_gradient_by_hand():
         np.testing.assert_array_equal(y, jax.nn.softmax(x, axis=-1))
         expected = np.einsum("...ij,...i->...j", jax.vmap(jax.vmap(lambda r: jnp.diag(r) - jnp.outer(r, r)))(y), g)
         np.testing.assert_allclose(vjp(g)[0], expected, rtol=1e-12, atol=1e-15)
+
+
+def _official_calculate_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
+    """SwinIR's `SwinTransformerBlock.calculate_mask`, in numpy."""
+    img_mask = np.zeros((1, h, w, 1), np.float32)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img_mask[:, hs, wsl, :] = cnt
+            cnt += 1
+    windows = img_mask.reshape(1, h // ws, ws, w // ws, ws, 1).transpose(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("h, w, ws", [(16, 16, 8), (24, 40, 8), (12, 8, 4)])
+def test_shift_mask_is_the_official_one(h, w, ws):
+    np.testing.assert_array_equal(np.asarray(shifted_window_mask(h, w, ws, ws // 2)),
+                                  _official_calculate_mask(h, w, ws, ws // 2))
+
+
+def test_the_shift_mask_is_not_baked_into_the_program():
+    """The mask is built in the graph: a program's text does not grow with the image (as a constant, the mask
+    of a 128x128 input alone is 4 MB)."""
+    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
+    model = SwinIR(config)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    text = {size: len(jax.jit(model.apply).lower(params, jnp.zeros((1, size, size, 3))).as_text())
+            for size in (16, 128)}
+    assert text[128] < 1.2 * text[16], text
+
+
+@pytest.mark.parametrize("h, w", [(3, 5), (1, 1), (9, 2)])
+def test_images_smaller_than_half_a_window_run(h, w):
+    """Flip padding repeats the mirrored image where one mirror is too short, which is numpy's symmetric pad."""
+    x = np.random.default_rng(0).uniform(size=(1, h, w, 3)).astype(np.float32)
+    expected = np.pad(x, ((0, 0), (0, -h % 8), (0, -w % 8), (0, 0)), mode="symmetric")
+    np.testing.assert_array_equal(np.asarray(flip_pad(jnp.asarray(x), 8)), expected)
+    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(2,), num_heads=(2,), window_size=8)
+    model = SwinIR(config)
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    assert model.apply(params, jnp.asarray(x))[0].shape == (1, 2 * h, 2 * w, 3)
+
+
+def test_an_mlp_width_that_is_no_exact_ratio_is_read_back():
+    """42 channels with 51 hidden units: 51 / 42 times 42 truncates to 50, so the ratio read off the params is
+    the next float up, whose product truncates to 51 as the official int(dim * mlp_ratio) does."""
+    config = SwinIRConfig(upscale=2, embed_dim=42, depths=(2,), num_heads=(6,), window_size=4, mlp_ratio=1.22)
+    assert config.mlp_hidden == 51 and int(42 * (51 / 42)) == 50
+    params = SwinIR(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    read = config_from_params(params)
+    assert read.mlp_hidden == 51
+    assert read == dataclasses.replace(config, mlp_ratio=read.mlp_ratio)

@@ -21,6 +21,7 @@ from conftest import ctrl_c_on_call
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.data import write_image
 from jaxquant.patches import lr_pool_from_folder, sample_patches
+from jaxquant import runs
 from jaxquant.runs import RunCheckpointer, write_atomically
 from jaxquant.swinir import SwinIR, SwinIRConfig
 from jaxquant.train import TrainConfig, init_params, init_state, l1_loss, train, train_step, transfer_params
@@ -149,6 +150,17 @@ def test_restored_state_is_placed_like_the_fresh_one(tmp_path):
     without_key = lambda state: {k: v for k, v in state.items() if k != "key"}
     assert_trees_equal(without_key(fresh), without_key(restored))
     np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(fresh["key"]))
+
+
+def test_states_off_the_checkpoint_interval_are_not_read(tmp_path, monkeypatch):
+    """A training loop offers every step's state: only those on the interval (or forced) are packed to the host."""
+    packed = []
+    original = runs._pack
+    monkeypatch.setattr(runs, "_pack", lambda state: packed.append(int(state["step"])) or original(state))
+    with RunCheckpointer(tmp_path, every=3) as ckpt:
+        saved = [ckpt.save(step, {"step": jnp.int32(step)}, force=step == 5) for step in range(1, 7)]
+    assert saved == [True, False, True, False, True, True]  # orbax saves the first step it is offered
+    assert packed == [1, 3, 5, 6]
 
 
 def test_a_checkpoint_of_another_state_is_refused(tmp_path):

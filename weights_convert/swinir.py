@@ -23,7 +23,8 @@ from typing import Iterator
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxquant.swinir import SwinIRConfig, describe, param_shapes, relative_position_index, shifted_window_mask
+from jaxquant.swinir import (SwinIRConfig, describe, mlp_ratio_for, param_shapes, relative_position_index,
+                             shifted_window_mask)
 
 
 class ConversionError(ValueError):
@@ -201,7 +202,7 @@ def infer_config(sd: dict[str, np.ndarray]) -> SwinIRConfig:
     try:
         return SwinIRConfig(
             upscale=scale, in_chans=int(in_chans), embed_dim=int(embed_dim), depths=tuple(depths),
-            num_heads=tuple(int(h) for h in heads), window_size=window, mlp_ratio=mlp_hidden / embed_dim,
+            num_heads=tuple(int(h) for h in heads), window_size=window, mlp_ratio=mlp_ratio_for(mlp_hidden, embed_dim),
             upsampler=upsampler, num_feat=int(num_feat),
         )
     except ValueError as e:
