@@ -457,6 +457,7 @@ class NGswin(nn.Module):
 # Params against a config
 
 
+@functools.lru_cache(maxsize=16)
 def param_shapes(config: NGswinConfig) -> dict[str, tuple[int, ...]]:
     """Flax parameter shapes of NGswin under `config`, keyed by '/'-joined path (traced, no compute)."""
     x = jax.ShapeDtypeStruct((1, config.pad_unit, config.pad_unit, config.in_chans), jnp.float32)

@@ -522,14 +522,10 @@ def _upsample_steps(scale: int) -> tuple[int, ...]:
 # Params against a config
 
 
-def param_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
-    """Flax parameter shapes of SwinIR under `config`, keyed by '/'-joined path (traced, no compute)."""
-    return dict(_traced_param_shapes(config))
-
-
 @functools.lru_cache(maxsize=16)
-def _traced_param_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
-    """`param_shapes`, traced once per config."""
+def param_shapes(config: SwinIRConfig) -> dict[str, tuple[int, ...]]:
+    """Flax parameter shapes of SwinIR under `config`, keyed by '/'-joined path (traced, no compute; once per
+    config: the dict is shared, not to be changed)."""
     size = 2 * config.window_size
     x = jax.ShapeDtypeStruct((1, size, size, config.in_chans), jnp.float32)
     return _leaf_shapes(jax.eval_shape(SwinIR(config).init, jax.random.PRNGKey(0), x)["params"])

@@ -154,7 +154,7 @@ def test_sites_follow_2dquants_rule():
 
 
 def test_checkpoint_keeps_the_architecture(model, tmp_path):
-    bounds = init_bounds(model.config, QuantRules.uniform(4))
+    bounds = init_bounds(model.config, QuantRules.uniform(4), fill=(-1.0, 1.0))
     loaded = load_model(save_model(tmp_path / "ngswin", model._replace(bounds=bounds)))
     assert loaded.config == model.config and config_from_params(loaded.params) == model.config
     assert {b.bits for b in flat_bounds(loaded.bounds).values()} == {4}
