@@ -46,7 +46,7 @@ def main():
     images = jax.random.uniform(jax.random.PRNGKey(2), (args.batch, args.size, args.size, 3))
     bounds = init_bounds(config, QuantRules.uniform(args.bits), fill=(-2.0, 2.0))
     step = jax.jit(functools.partial(dqc_step.__wrapped__, config, dqc))  # no donation: every call the same state
-    remat, scan = dqc.block_execution()
+    remat, scan = dqc.block_execution(args.batch * args.size**2)
     blocks = ("recomputed" if remat else "stored") + (", scanned" if scan else ", unrolled")
     rows[f"DQC step, batch {args.batch} x {args.size}x{args.size}, W{args.bits}A{args.bits} ({blocks})"] = (
         time_compiled(step, init_state(bounds, dqc), params, images, runs=args.runs))
