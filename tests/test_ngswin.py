@@ -95,7 +95,7 @@ def test_derived_buffers_are_checked_and_dropped(state_dict, converted):
     assert config == converted[0]
     key = "decoder_layer1.blocks.3.attn_mask"
     with pytest.raises(ConversionError, match=f"buffer '{key}' does not match"):
-        torch_to_flax(state_dict | buffers | {key: shifted_window_mask(64, 64, 8, 4)[:16] * 0})
+        torch_to_flax(state_dict | buffers | {key: np.asarray(shifted_window_mask(64, 64, 8, 4))[:16] * 0})
 
 
 QKV = "encoder_layer2.blocks.3.attn.qkv.weight"

@@ -179,7 +179,7 @@ def expected_buffers(config: NGswinConfig) -> dict[str, np.ndarray]:
                 relative_position_index(ngram)
             )
             if j % 2:
-                buffers[f"{t}.attn_mask"] = shifted_window_mask(side, side, ws, ws // 2)
+                buffers[f"{t}.attn_mask"] = np.asarray(shifted_window_mask(side, side, ws, ws // 2))
     return buffers
 
 
