@@ -330,8 +330,18 @@ class Distillation(NamedTuple):
 
     @property
     def kept(self) -> dict:
-        """The validation entry whose bounds are `best` (the highest PSNR, the later on a tie); {} without one."""
-        return max(reversed(self.history), key=lambda h: h["psnr"], default={})
+        """The validation entry whose bounds are `best` (the highest PSNR of those whose bounds are usable, the
+        later on a tie); {} without one."""
+        return _best_usable(self.history)
+
+
+def _best_usable(history: list[dict]) -> dict:
+    return max(reversed([h for h in history if "crossed" not in h]), key=lambda h: h["psnr"], default={})
+
+
+def _crossed_site(bounds: dict) -> str | None:
+    """The first site whose bounds crossed (upper not above lower): no quantizer, whatever the model makes of it."""
+    return next((path for path, b in flat_bounds(bounds).items() if not b.lu[0] < b.lu[1]), None)
 
 
 def distill(
@@ -358,11 +368,14 @@ def distill(
             done = step + 1
             bar.update(1)
             if validation is not None and (done % validate_every == 0 or done == dqc.steps):
-                psnr = _validation_psnr(model, state.bounds, validation)
-                if psnr >= max((h["psnr"] for h in history), default=-np.inf):
+                entry = {"step": done, "loss": float(terms["loss"]), "psnr": _validation_psnr(model, state.bounds, validation)}
+                crossed = _crossed_site(state.bounds)
+                if crossed is not None:  # Adam moved an upper bound below its lower one: never kept
+                    entry["crossed"] = crossed
+                elif entry["psnr"] >= _best_usable(history).get("psnr", -np.inf):
                     best = _copy(state.bounds)  # the next step donates the state's arrays
-                history.append({"step": done, "loss": float(terms["loss"]), "psnr": psnr})
-                bar.log(loss=float(terms["loss"]), psnr=psnr, best=max(h["psnr"] for h in history))
+                history.append(entry)
+                bar.log(loss=entry["loss"], psnr=entry["psnr"], best=_best_usable(history).get("psnr", np.nan))
             elif done % 10 == 0:
                 bar.log(loss=float(terms["loss"]))
             run = Distillation(state, best, run.key, history)
@@ -399,7 +412,7 @@ def run_dqc(
         resume = fresh
         if restored is not None:
             step = int(restored[0].step)
-            history = [{"step": h["step"], "loss": h["loss"], "psnr": h["set5_psnr"]} for h in logged if h["step"] <= step]
+            history = [h for h in _from_set5_log(logged) if h["step"] <= step]
             resume = Distillation(*restored, history)
 
         def checkpoint(done: int, current: Distillation) -> bool:
@@ -415,16 +428,24 @@ def run_dqc(
         if interrupted():
             raise KeyboardInterrupt(f"DQC checkpointed at step {int(result.state.step)}")
     kept = result.kept
+    if result.history and not kept:
+        raise ValueError(f"DQC crossed the bounds of {result.history[-1]['crossed']} (upper below lower) at every "
+                         "validation: no step to keep; try a lower --lr")
     log = {"completed": stop == dqc.steps, "best_step": kept.get("step", 0), "best_set5_psnr": kept.get("psnr"),
            "validation": _set5_log(result.history),
-           "selection": "highest Set5 PSNR among the validation steps, the later one on a tie as BasicSR "
+           "selection": "highest Set5 PSNR among the validation steps whose bounds are usable (none crossed), "
+                        "the later one on a tie as BasicSR "
                         "(the initial bounds excluded)"}
     return result.best, log
 
 
 def _set5_log(history: list[dict]) -> list[dict]:
     """`distill`'s validation log as a run directory records it (validation.json, results.json)."""
-    return [{"step": h["step"], "loss": h["loss"], "set5_psnr": h["psnr"]} for h in history]
+    return [{"set5_psnr" if k == "psnr" else k: v for k, v in h.items()} for h in history]
+
+
+def _from_set5_log(logged: list[dict]) -> list[dict]:
+    return [{"psnr" if k == "set5_psnr" else k: v for k, v in h.items()} for h in logged]
 
 
 def _copy(tree):
