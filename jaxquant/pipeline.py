@@ -19,6 +19,7 @@ import functools
 import json
 import math
 import time
+import warnings
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -330,17 +331,23 @@ class Distillation(NamedTuple):
 
     @property
     def kept(self) -> dict:
-        """The validation entry whose bounds are `best` (the highest PSNR of those whose bounds are usable, the
-        later on a tie); {} without one."""
-        return _best_usable(self.history)
+        """The validation entry whose bounds are `best`; {} without one. See `_preference`."""
+        return _kept(self.history)
 
 
-def _best_usable(history: list[dict]) -> dict:
-    return max(reversed([h for h in history if "crossed" not in h]), key=lambda h: h["psnr"], default={})
+def _kept(history: list[dict]) -> dict:
+    return max(reversed(history), key=_preference, default={})
+
+
+def _preference(entry: dict) -> tuple[bool, float]:
+    """How validation steps rank for keeping: bounds with no crossed pair first, then the highest PSNR (the later
+    step on a tie, as BasicSR). A crossed pair makes a constant quantizer (in the official code too), not a b-bit
+    one: such a step is kept only where every step has one."""
+    return "crossed" not in entry, entry["psnr"]
 
 
 def _crossed_site(bounds: dict) -> str | None:
-    """The first site whose bounds crossed (upper not above lower): no quantizer, whatever the model makes of it."""
+    """The first site whose bounds crossed (upper not above lower, or NaN), or None."""
     return next((path for path, b in flat_bounds(bounds).items() if not b.lu[0] < b.lu[1]), None)
 
 
@@ -370,12 +377,12 @@ def distill(
             if validation is not None and (done % validate_every == 0 or done == dqc.steps):
                 entry = {"step": done, "loss": float(terms["loss"]), "psnr": _validation_psnr(model, state.bounds, validation)}
                 crossed = _crossed_site(state.bounds)
-                if crossed is not None:  # Adam moved an upper bound below its lower one: never kept
+                if crossed is not None:  # Adam moved an upper bound below its lower one
                     entry["crossed"] = crossed
-                elif entry["psnr"] >= _best_usable(history).get("psnr", -np.inf):
+                if not history or _preference(entry) >= _preference(_kept(history)):
                     best = _copy(state.bounds)  # the next step donates the state's arrays
                 history.append(entry)
-                bar.log(loss=entry["loss"], psnr=entry["psnr"], best=_best_usable(history).get("psnr", np.nan))
+                bar.log(loss=entry["loss"], psnr=entry["psnr"], best=max(h["psnr"] for h in history))
             elif done % 10 == 0:
                 bar.log(loss=float(terms["loss"]))
             run = Distillation(state, best, run.key, history)
@@ -428,14 +435,13 @@ def run_dqc(
         if interrupted():
             raise KeyboardInterrupt(f"DQC checkpointed at step {int(result.state.step)}")
     kept = result.kept
-    if result.history and not kept:
-        raise ValueError(f"DQC crossed the bounds of {result.history[-1]['crossed']} (upper below lower) at every "
-                         "validation: no step to keep; try a lower --lr")
+    if "crossed" in kept:
+        warnings.warn(f"DQC crossed the bounds of {kept['crossed']} (upper below lower) at every validation; step "
+                      f"{kept['step']} is kept, a constant quantizer there (try a lower --lr)")
     log = {"completed": stop == dqc.steps, "best_step": kept.get("step", 0), "best_set5_psnr": kept.get("psnr"),
            "validation": _set5_log(result.history),
-           "selection": "highest Set5 PSNR among the validation steps whose bounds are usable (none crossed), "
-                        "the later one on a tie as BasicSR "
-                        "(the initial bounds excluded)"}
+           "selection": "highest Set5 PSNR among the validation steps with no crossed bounds (among all where each "
+                        "has some), the later one on a tie as BasicSR (the initial bounds excluded)"}
     return result.best, log
 
 
@@ -593,7 +599,7 @@ def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: b
     dqc_log = None
     if run.dqc is not None:
         distilled, dqc_log = run_dqc(model, list(stages.values())[-1], run, pool, run_dir)
-        stages["DQC"] = _checked("DQC", distilled)
+        stages["DQC"] = distilled  # its crossed pairs, if any, are named in a warning (`run_dqc`)
         seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 
