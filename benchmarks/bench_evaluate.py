@@ -14,7 +14,7 @@ import time
 from common import add_keep_scratch_flag, allocator, apply_keep_scratch, device_name, peak_host_memory_gib
 from jaxquant.checkpoint import load_model
 from jaxquant.data import default_data_root, load_benchmark
-from jaxquant.evaluate import DEFAULT_OVERLAP, Tiling, compile_concurrently, forward_compilations, super_resolve
+from jaxquant.evaluation import DEFAULT_OVERLAP, Tiling, compile_concurrently, forward_compilations, super_resolve
 
 
 def main():

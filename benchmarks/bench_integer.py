@@ -25,7 +25,7 @@ from common import device_name, time_compiled  # noqa: E402
 
 from jaxquant.checkpoint import load_model  # noqa: E402
 from jaxquant.data import load_benchmark, resolve_data_root  # noqa: E402
-from jaxquant.evaluate import _forward, forward_site, variables  # noqa: E402
+from jaxquant.evaluation import _forward, forward_site, variables  # noqa: E402
 from jaxquant.integer import IntegerModel  # noqa: E402
 from jaxquant.lowbit import fp_bytes, save_lowbit  # noqa: E402
 from jaxquant.quant import Bounds, flat_bounds, nest_bounds  # noqa: E402

@@ -14,7 +14,7 @@ from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import load_benchmark, load_benchmarks
 from jaxquant.dobi import Calibration, calibrate, dobi_search
 from jaxquant.dqc import DQCConfig, DQCState, dqc_step, init_state
-from jaxquant.evaluate import evaluate
+from jaxquant.evaluation import evaluate
 from jaxquant.metrics import psnr_y, ssim_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
 from jaxquant.pipeline import Distillation, distill, read_bounds_json, write_bounds_json

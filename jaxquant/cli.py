@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import Callable
 
-from jaxquant.evaluate import DEFAULT_OVERLAP, DEFAULT_TILE
+from jaxquant.evaluation import DEFAULT_OVERLAP, DEFAULT_TILE
 
 EXPECTED_ERRORS = (ValueError, OSError, KeyError)  # bad input (PthError is a ValueError) or a failing disk
 # jax_default_matmul_precision values. "highest" (full float32) is what the parity tests check; on a GPU,

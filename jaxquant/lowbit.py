@@ -247,7 +247,7 @@ def with_half_remainder(lowbit: LowBitModel) -> LowBitModel:
 def half_psnr_shift(model: Model, set5) -> tuple[float, float]:
     """Set5 PSNR of `model` as a low-bit file holds it with a float32 and with a float16 remainder (the forward
     `evaluate` runs: fake-quant, or FP without bounds). `set5`: `data.load_benchmark(root, "Set5", scale)`."""
-    from jaxquant.evaluate import evaluate  # which imports this module through jaxquant.integer
+    from jaxquant.evaluation import evaluate  # which imports this module through jaxquant.integer
 
     lowbit = to_lowbit(model)
     return tuple(evaluate(m.dequantized(), {"Set5": set5}, show_progress=False)["Set5"]["psnr"]

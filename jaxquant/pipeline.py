@@ -36,7 +36,7 @@ from jaxquant.data import (BenchmarkImage, benchmark_dir, check_output_path, lis
                            load_benchmarks, read_image)
 from jaxquant.dobi import Calibration, Method, Strategy, calibrate
 from jaxquant.dqc import DQCConfig, DQCState, donating_dqc_step, init_state
-from jaxquant.evaluate import (DEFAULT_OVERLAP, Tiling, compile_concurrently, evaluate, forward_compilations,
+from jaxquant.evaluation import (DEFAULT_OVERLAP, Tiling, compile_concurrently, evaluate, forward_compilations,
                                results_table, with_matmul_precision_here)
 from jaxquant.lowbit import fp_bytes, save_lowbit
 from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches

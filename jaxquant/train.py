@@ -32,7 +32,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.cli import MATMUL_PRECISIONS
 from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
-from jaxquant.evaluate import super_resolve
+from jaxquant.evaluation import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json_object, read_run_json,

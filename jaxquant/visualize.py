@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from jaxquant.checkpoint import Model
 from jaxquant.data import BenchmarkImage, imresize, write_image
-from jaxquant.evaluate import super_resolve
+from jaxquant.evaluation import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 
 LABEL_HEIGHT = 14

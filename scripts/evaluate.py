@@ -15,7 +15,7 @@ from jaxquant.integer import load_integer_model
 from jaxquant.cli import add_matmul_precision_flag, add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import benchmark_names, check_output_path, load_benchmarks, resolve_data_root
-from jaxquant.evaluate import Tiling, evaluate, results_table
+from jaxquant.evaluation import Tiling, evaluate, results_table
 from jaxquant.models import describe
 
 

@@ -19,7 +19,7 @@ from jaxquant.cli import add_matmul_precision_flag, add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.dobi import Strategy
 from jaxquant.data import benchmark_names, resolve_data_root
-from jaxquant.evaluate import results_table
+from jaxquant.evaluation import results_table
 from jaxquant.pipeline import (
     CALIB_PATCHES, CONFIG_FILE, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, architecture_of, default_preset,
     quantize_run, preset as preset_of,

@@ -252,3 +252,14 @@ def test_summarize_refuses_to_overwrite_a_file(tmp_path):
     result = run_script("scripts/summarize.py", str(run_dir), "--out", str(run_dir / "results.json"))
     assert_one_line_error(result, f"{run_dir / 'results.json'} exists; choose another path or remove it")
     assert (run_dir / "results.json").read_text() == before
+
+
+def test_the_evaluate_function_does_not_hide_its_module():
+    """`jaxquant.evaluate` is the function; the module that holds it (tiling, the benchmark loop) is importable
+    under its own name."""
+    import importlib
+
+    import jaxquant
+
+    module = importlib.import_module("jaxquant.evaluation")
+    assert jaxquant.evaluate is module.evaluate and callable(module.tiled)

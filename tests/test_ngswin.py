@@ -14,7 +14,7 @@ from test_convert import run_script
 from jaxquant.checkpoint import load_model, save_model
 from jaxquant.data import load_benchmark
 from jaxquant.dobi import Calibration, calibrate
-from jaxquant.evaluate import evaluate
+from jaxquant.evaluation import evaluate
 from jaxquant.pipeline import PRESETS, architecture_of, preset
 from jaxquant.quant import QuantRules, flat_bounds, init_bounds, list_sites, quantize
 from jaxquant.ngswin import (

@@ -20,7 +20,7 @@ from jaxquant.checkpoint import load_model
 from jaxquant.data import list_images, read_image, write_image
 from jaxquant.dqc import DQCConfig
 from jaxquant import pipeline
-from jaxquant.evaluate import with_matmul_precision_here
+from jaxquant.evaluation import with_matmul_precision_here
 from jaxquant.patches import PatchPool, lr_pool_from_folder
 from jaxquant.pipeline import (QuantizeConfig, distill, dqc_pool, load_calibration, quantize_run, read_bounds_json,
                                run_dqc, write_bounds_json)

@@ -1,4 +1,4 @@
-"""Tiled inference (`jaxquant.evaluate.tiled`, SwinIR's `--tile --tile_overlap`): tile positions, exact
+"""Tiled inference (`jaxquant.evaluation.tiled`, SwinIR's `--tile --tile_overlap`): tile positions, exact
 assembly for a local forward, agreement with whole-image SwinIR away from the seams, lower peak memory, and
 when evaluation tiles by itself."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import DATA_ROOT
 from jaxquant.data import BenchmarkImage, load_benchmark
-from jaxquant.evaluate import (
+from jaxquant.evaluation import (
     DEFAULT_TILE, RESIDENT_BYTES_PER_LR_PIXEL, WHOLE_IMAGE_BUDGET, Tiling, forward_shapes, super_resolve,
     tile_starts, tiled,
 )
@@ -71,7 +71,7 @@ def test_tiled_swinir_agrees_with_whole_images_away_from_the_seams(t291_model):
 PEAK_MEMORY = """
 import json, resource, sys
 import jax, jax.numpy as jnp, numpy as np
-from jaxquant.evaluate import tiled
+from jaxquant.evaluation import tiled
 from jaxquant.swinir import SwinIR, SwinIRConfig
 model = SwinIR(SwinIRConfig(upscale=2, embed_dim=16, depths=(2,), num_heads=(2,), window_size=8))
 x = jnp.asarray(np.random.default_rng(0).random((1, 512, 512, 3), np.float32))
