@@ -70,8 +70,8 @@ class DQCConfig:
                              f"eps {self.eps}, feature_weight {self.feature_weight}, betas ({self.b1}, {self.b2})")
 
     def block_execution(self, pixels: int) -> tuple[bool, bool]:
-        """`(remat, scan)` for a batch of `pixels` LR pixels (B * H * W), by backend where unset. On an accelerator neither: on an H100 the scan's
-        per-iteration bookkeeping of the bound scalars became thousands of tiny kernels, and unrolled with
+        """`(remat, scan)` for a batch of `pixels` LR pixels (B * H * W), by backend where unset. On an
+        accelerator neither: on an H100 the scan's per-iteration bookkeeping of the bound scalars became thousands of tiny kernels, and unrolled with
         stored activations a step (x2, batch 16, 64x64) takes 65 ms and 14 GB. On a CPU neither too where the
         process keeps XLA's scratch (`cpu_memory.keep_cpu_scratch`, as the scripts do) and the batch's scratch
         fits what it keeps: x4, batch 4 of 32x32 on 2 cores, 478-489 ms a step against 534-549 ms recomputed.

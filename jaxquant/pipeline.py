@@ -321,8 +321,9 @@ def _validation_psnr(model: Model, bounds, images: Sequence[BenchmarkImage]) -> 
 
 
 class Distillation(NamedTuple):
-    """Where a DQC run stands: the optimizer state, the best bounds so far (the latest without validation), the
-    key its batches are drawn from (step i uses `fold_in(key, i)`) and the validation log."""
+    """Where a DQC run stands: the optimizer state, the best bounds so far (without validation: the last step's,
+    once `distill` returns), the key its batches are drawn from (step i uses `fold_in(key, i)`) and the
+    validation log."""
 
     state: DQCState
     best: dict
@@ -362,9 +363,10 @@ def distill(
 
     With `validation` images (`data.load_benchmark`), the quantized model's Y-PSNR on them is measured every
     `validate_every` steps and at the end, and `best` keeps the bounds of the best one (the starting bounds are
-    not candidates); without, `best` is the last step's bounds once it returns. `resume` continues a returned
-    (or checkpointed) run, which stays valid; `stop_at` ends it early at that step. `after_step(step, run)` runs after each step (the pipeline
-    checkpoints there) and stops the loop by returning True."""
+    not candidates; see `_preference`); without, `best` is the last step's bounds once it returns. `resume`
+    continues a returned (or checkpointed) run, which stays valid; `stop_at` ends it early at that step.
+    `after_step(step, run)` runs after each step (the pipeline checkpoints there) and stops the loop by returning
+    True."""
     run = resume or Distillation(init_state(bounds, dqc), bounds, jax.random.PRNGKey(seed), [])
     start, stop = int(run.state.step), min(dqc.steps, stop_at or dqc.steps)
     state, best, history = _copy(run.state), run.best, list(run.history)  # the loop donates its own state
@@ -375,14 +377,15 @@ def distill(
             done = step + 1
             bar.update(1)
             if validation is not None and (done % validate_every == 0 or done == dqc.steps):
-                entry = {"step": done, "loss": float(terms["loss"]), "psnr": _validation_psnr(model, state.bounds, validation)}
+                psnr = _validation_psnr(model, state.bounds, validation)
+                entry = {"step": done, "loss": float(terms["loss"]), "psnr": psnr}
                 crossed = _crossed_site(state.bounds)
                 if crossed is not None:  # Adam moved an upper bound below its lower one
                     entry["crossed"] = crossed
                 if not history or _preference(entry) >= _preference(_kept(history)):
                     best = _copy(state.bounds)  # the next step donates the state's arrays
                 history.append(entry)
-                bar.log(loss=entry["loss"], psnr=entry["psnr"], best=max(h["psnr"] for h in history))
+                bar.log(loss=entry["loss"], psnr=psnr, kept=_kept(history)["psnr"])
             elif done % 10 == 0:
                 bar.log(loss=float(terms["loss"]))
             run = Distillation(state, best, run.key, history)
@@ -429,9 +432,9 @@ def run_dqc(
                 checkpoints.save(done, current[:3], force=True)
             return stopping
 
-        result = distill(model, bounds, dqc, pool, seed=run.seed, validation=load_benchmark(run.data_root, "Set5", run.scale),
-                         validate_every=run.validate_every, resume=resume, stop_at=stop, after_step=checkpoint,
-                         desc=f"DQC W{run.bits}A{run.bits} x{run.scale}")
+        set5 = load_benchmark(run.data_root, "Set5", run.scale)
+        result = distill(model, bounds, dqc, pool, seed=run.seed, validation=set5, validate_every=run.validate_every,
+                         resume=resume, stop_at=stop, after_step=checkpoint, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}")
         if interrupted():
             raise KeyboardInterrupt(f"DQC checkpointed at step {int(result.state.step)}")
     kept = result.kept
