@@ -71,13 +71,13 @@ class DQCConfig:
 
     def block_execution(self, pixels: int) -> tuple[bool, bool]:
         """`(remat, scan)` for a batch of `pixels` LR pixels (B * H * W), by backend where unset. On an
-        accelerator neither: on an H100 the scan's per-iteration bookkeeping of the bound scalars became thousands of tiny kernels, and unrolled with
-        stored activations a step (x2, batch 16, 64x64) takes 65 ms and 14 GB. On a CPU neither too where the
-        process keeps XLA's scratch (`cpu_memory.keep_cpu_scratch`, as the scripts do) and the batch's scratch
-        fits what it keeps: x4, batch 4 of 32x32 on 2 cores, 478-489 ms a step against 534-549 ms recomputed.
-        Otherwise recomputed, inside a scan (unrolled, XLA:CPU moves the recomputation back into the forward
-        pass): stored activations would page-fault their scratch in afresh each call (811 ms, against
-        575-628 ms recomputed, which needs ~150 MB of it; benchmarks/README.md)."""
+        accelerator neither: on an H100 the scan's per-iteration bookkeeping of the bound scalars became
+        thousands of tiny kernels, and unrolled with stored activations a step (x2, batch 16, 64x64) takes 65 ms
+        and 14 GB. On a CPU neither too where the process keeps XLA's scratch (`cpu_memory.keep_cpu_scratch`, as
+        the scripts do) and the batch's scratch fits what it keeps: x4, batch 4 of 32x32 on 2 cores, 478-489 ms
+        a step against 534-549 ms recomputed. Otherwise recomputed, inside a scan (unrolled, XLA:CPU moves the
+        recomputation back into the forward pass): stored activations would page-fault their scratch in afresh
+        each call (811 ms, against 575-628 ms recomputed, which needs ~150 MB of it; benchmarks/README.md)."""
         on_cpu = jax.default_backend() == "cpu"
         store = not on_cpu or (cpu_scratch_kept() and pixels <= STORED_PIXELS_MAX)
         remat = not store if self.remat is None else self.remat
