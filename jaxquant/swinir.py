@@ -318,7 +318,7 @@ class WindowAttention(nn.Module):
 def softmax(x: Array) -> Array:
     """jax.nn.softmax over the last axis, differentiated from its output alone as PyTorch does:
     dx = y * (g - sum(g * y)). Autodiff through jax.nn.softmax's exp and sum reads more score-sized tensors
-    in the backward pass: a DQC step (x4, batch 4, 32x32, 2-core Xeon) took 4% longer (936 vs 898 ms)."""
+    in the backward pass: a DQC step about 4% longer (docs/measurements.md)."""
     return jax.nn.softmax(x, axis=-1)
 
 

@@ -76,7 +76,7 @@ def test_three_steps_move_the_bounds_like_official(scale, bits, official_dqc):
 @BITS
 @pytest.mark.xfail(strict=True, reason=(
     "4-bit and 2-bit fake-quant forwards are chaotic at this tolerance: measured 51-64% of the 768 scalars within "
-    "1e-4 (79-97% within 1e-3) on an AMD EPYC VM, 52-59% and 93% at x4 W2 (81-100%) on an Intel Xeon VM, step-1 "
+    "1e-4 (79-97% within 1e-3; 93% at x4 W2 on another CPU, docs/faithfulness.md), step-1 "
     "losses within 4e-4 relative; the official bounds themselves are within 1e-4 "
     "of the same steps in float64 on only 52-60%, whose step-3 losses miss the official ones by 4e-3 to 0.08 "
     "(test_official_bounds_are_no_closer_to_float64_than_ours); two of our own runs whose inputs differ by 1e-6 "
@@ -90,15 +90,13 @@ def test_three_steps_match_official_bounds(scale, bits, official_dqc):
 @BITS
 def test_every_differing_scalar_is_unstable_in_our_port(scale, bits, t291_model, golden, official_dqc):
     """Why scalars miss the 1e-4 criterion, one by one: rerun our three steps on the golden batch plus 1e-6 noise
-    (three seeds). A scalar that differs from the official one by > 1e-4 is explained when our own four runs
-    spread by > 1e-4 there too: the official run is then just one more sample of the same noise. Measured: 1,288
-    of the 1,289 differing scalars are explained this way with 24 seeds (>= 93% per case with these 3); the last
-    is 1.79e-4 from the official value against a 9.6e-5 spread, and the official value is itself 1.08e-4 from
-    the float64 steps (test_official_bounds_are_no_closer_to_float64_than_ours). Before 5107e9a changed the
-    summation order, the official value lay inside our runs' range (+-1e-4) for 87% / 98% (x2 W4 / W2) and
-    58% / 94% (x4; 64% at W4 with 48 seeds); our runs agree with each other on 41-69% of the scalars, with
-    the official code on 51-64%. Summation order alone (the batch swapped, remat on or off) moves 2-15% of them by
-    > 1e-4 at W4."""
+    (three seeds). A scalar that differs from the official one by > 1e-4 is explained when our own four runs spread
+    by > 1e-4 there too: the official run is then just one more sample of the same noise. Measured: 1,288 of the
+    1,289 differing scalars are explained this way with 24 seeds (>= 93% per case with these 3); the last is 1.79e-4
+    from the official value against a 9.6e-5 spread, and the official value is itself 1.08e-4 from the float64 steps
+    (test_official_bounds_are_no_closer_to_float64_than_ours). Our runs agree with each other on 41-69% of the
+    scalars, with the official code on 51-64%. Summation order alone (the batch swapped, remat on or off) moves
+    2-15% of them by > 1e-4 at W4."""
     arrays, meta = golden(scale)
     images = nhwc(arrays["dqc_batch"])
     _, bounds, _, expected, _ = official_dqc(scale, bits)
