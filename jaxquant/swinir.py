@@ -318,7 +318,7 @@ class WindowAttention(nn.Module):
 def softmax(x: Array) -> Array:
     """jax.nn.softmax over the last axis, differentiated from its output alone as PyTorch does:
     dx = y * (g - sum(g * y)). Autodiff through jax.nn.softmax's exp and sum reads more score-sized tensors
-    in the backward pass: a DQC step about 4% longer (docs/measurements.md)."""
+    in the backward pass: a DQC step about 4% longer (benchmarks/README.md)."""
     return jax.nn.softmax(x, axis=-1)
 
 
