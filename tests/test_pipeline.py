@@ -305,7 +305,8 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
 
     lowbit = run_dir / "model_w4a4.safetensors"  # the same model, packed
     assert results["lowbit"]["bytes"] == lowbit.stat().st_size and f"{lowbit.stat().st_size:,} bytes" in summary
-    from_file = {p: b.lu.tolist() for p, b in flat_bounds(load_model(lowbit).bounds).items()}
+    from_file = {official_name(p): {"lu": b.lu.tolist(), "bits": b.bits}
+                 for p, b in flat_bounds(load_model(lowbit).bounds).items()}
     assert from_file == reloaded
 
     evaluated = run_script("scripts/evaluate.py", "--model", str(run_dir))
