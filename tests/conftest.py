@@ -8,11 +8,14 @@ import threading
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxquant.checkpoint import load_model
-from jaxquant.data import default_data_root
+from jaxquant.data import default_data_root, load_benchmark
+from jaxquant.dobi import Calibration, calibrate
+from jaxquant.quant import Bounds, QuantRules, flat_bounds, init_bounds, nest_bounds
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -76,6 +79,22 @@ def t291_model():
         return cache[scale]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def x2_crop(data_root) -> jax.Array:
+    """A 24x32 LR crop of Set5's third image at x2, (1, H, W, 3) in [0, 1]: a whole forward in seconds."""
+    return jnp.asarray(load_benchmark(data_root, "Set5", 2)[2].lr[:24, :32], jnp.float32)[None] / 255.0
+
+
+@pytest.fixture(scope="session")
+def x2_minmax(t291_model, x2_crop):
+    """`x2_minmax(bits)`: the x2 t291 model with MinMax bounds of `x2_crop` at `bits` everywhere. One calibration
+    serves every width: MinMax bounds do not depend on the bits."""
+    model = t291_model(2)
+    calibrated = flat_bounds(calibrate(model.config, Calibration(method="minmax"), model.params,
+                                       init_bounds(model.config, QuantRules.uniform(8)), x2_crop))
+    return lambda bits: model._replace(bounds=nest_bounds({p: Bounds(b.lu, bits) for p, b in calibrated.items()}))
 
 
 @pytest.fixture(scope="session")

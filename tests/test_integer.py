@@ -3,18 +3,15 @@ against the fake-quant one, site by site, on a small crop (the Set5 numbers: ben
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxquant
-from jaxquant.dobi import Calibration, calibrate
 from jaxquant.integer import (IntegerModel, IntegerSites, Operand, agreeing_codes, integer_dot_general,
                               recording_fake_quant)
 from jaxquant.lowbit import load_lowbit, save_lowbit
 from jaxquant.models import build
-from jaxquant.quant import QuantRules, init_bounds, quantize
+from jaxquant.quant import quantize
 
 DENSE = (((2,), (0,)), ((), ()))  # (B, N, in) x (in, out)
 QK = (((3,), (3,)), ((0, 1), (0, 1)))  # (B, h, n, d) x (B, h, m, d) -> (B, h, n, m)
@@ -53,54 +50,43 @@ def test_the_epilogue_gives_the_product_of_the_dequantized_operands(kind):
 
 
 @pytest.fixture(scope="module")
-def x2(t291_model):
-    return t291_model(2)
+def quantized(x2_minmax):
+    """The x2 model at W4A4 (its finer grid puts more values near a rounding tie than W2's), MinMax bounds."""
+    return x2_minmax(4)
 
 
-@pytest.fixture(scope="module")
-def crop(data_root):
-    image = jaxquant.load_benchmarks(data_root, ["Set5"], scale=2)["Set5"][2]
-    return jnp.asarray(image.lr[:24, :32], jnp.float32)[None] / 255.0
-
-
-@pytest.fixture(scope="module")
-def quantized(x2, crop):
-    """The x2 model at W4A4 (its finer grid puts more values near a rounding tie than W2's) with MinMax bounds."""
-    bounds = init_bounds(x2.config, QuantRules.uniform(4))
-    return x2._replace(bounds=calibrate(x2.config, Calibration(method="minmax"), x2.params, bounds, crop))
-
-
-def test_integer_forward_follows_the_fake_quant_forward(quantized, crop):
-    integer = np.asarray(IntegerModel.from_model(quantized)(crop))
-    fake = np.asarray(quantize(quantized.params, quantized.bounds, quantized.config)(crop))
+def test_integer_forward_follows_the_fake_quant_forward(quantized, x2_crop):
+    integer = np.asarray(IntegerModel.from_model(quantized)(x2_crop))
+    fake = np.asarray(quantize(quantized.params, quantized.bounds, quantized.config)(x2_crop))
     # a flipped activation code moves later values by a step: the outputs differ by more than float rounding,
     # but as 8-bit images by at most one level (in 5% of this crop's pixels at W4A4 MinMax)
     levels = np.abs(np.round(integer * 255) - np.round(fake * 255))
     assert levels.max() <= 1
 
 
-def test_every_activation_site_agrees_with_fake_quant(quantized, crop):
+def test_every_activation_site_agrees_with_fake_quant(quantized, x2_crop):
     """Teacher forced: each site's codes from the fake-quant forward's previous codes differ only by rounding."""
     fake_vars = {"params": quantized.params, "bounds": quantized.bounds}
-    _, reference = build(quantized.config, site=recording_fake_quant(".*")).apply(fake_vars, crop, mutable=["codes"])
+    _, reference = build(quantized.config, site=recording_fake_quant(".*")).apply(fake_vars, x2_crop, mutable=["codes"])
     integer = IntegerModel.from_model(quantized)
     _, forced = build(quantized.config, site=IntegerSites(record=".*", teacher_forced=True)).apply(
-        integer.variables | {"reference": reference["codes"]}, crop, mutable=["codes"])
+        integer.variables | {"reference": reference["codes"]}, x2_crop, mutable=["codes"])
     agreement = agreeing_codes(forced["codes"], reference["codes"])
     assert len(agreement) == 24 * 10  # q, k, v, proj, fc1, fc2 inputs and q_scaled, k, probs, v per block
     for path, (agree, total) in agreement.items():
         assert agree / total >= 0.999, f"{path}: {total - agree} of {total} codes differ"
 
 
-def test_stored_codes_run_as_computed_ones(quantized, crop, tmp_path):
+def test_stored_codes_run_as_computed_ones(quantized, x2_crop, tmp_path):
     path = tmp_path / "model.safetensors"
     save_lowbit(path, quantized)
     from_file = IntegerModel.from_lowbit(load_lowbit(path))
     weight = from_file.params["layers_0"]["residual_group"]["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert weight.dtype == jnp.uint8 and weight.shape == (60, 120)
-    np.testing.assert_array_equal(np.asarray(from_file(crop)), np.asarray(IntegerModel.from_model(quantized)(crop)))
+    expected = IntegerModel.from_model(quantized)(x2_crop)
+    np.testing.assert_array_equal(np.asarray(from_file(x2_crop)), np.asarray(expected))
 
 
-def test_fp_model_has_no_integer_forward(x2):
+def test_fp_model_has_no_integer_forward(t291_model):
     with pytest.raises(ValueError, match="needs a quantized model"):
-        IntegerModel.from_model(x2)
+        IntegerModel.from_model(t291_model(2))

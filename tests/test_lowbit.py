@@ -44,21 +44,14 @@ def test_packing_is_an_lsb_first_bit_stream():
 
 
 @pytest.fixture(scope="module")
+def quantized(x2_minmax):
+    """The x2 model at W3A3 (3-bit codes straddle bytes), MinMax bounds."""
+    return x2_minmax(3)
+
+
+@pytest.fixture(scope="module")
 def x2(t291_model):
     return t291_model(2)
-
-
-@pytest.fixture(scope="module")
-def crop(data_root):
-    image = jaxquant.load_benchmarks(data_root, ["Set5"], scale=2)["Set5"][2]
-    return jnp.asarray(image.lr[:16, :24], jnp.float32)[None] / 255.0
-
-
-@pytest.fixture(scope="module")
-def quantized(x2, crop):
-    """The x2 model at W3A3 with MinMax bounds of the crop."""
-    bounds = init_bounds(x2.config, QuantRules.uniform(3))
-    return x2._replace(bounds=calibrate(x2.config, Calibration(method="minmax"), x2.params, bounds, crop))
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +89,9 @@ def test_every_dequantized_weight_is_the_fake_quantized_weight(quantized, files)
         np.testing.assert_array_equal(loaded[path], np.asarray(expected), err_msg=path)
 
 
-def test_the_loaded_file_runs_the_same_fake_quant_forward(quantized, files, crop):
-    expected = quantize(quantized.params, quantized.bounds, quantized.config)(crop)
-    np.testing.assert_array_equal(np.asarray(jaxquant.quantize(str(files["w3"]))(crop)), np.asarray(expected))
+def test_the_loaded_file_runs_the_same_fake_quant_forward(quantized, files, x2_crop):
+    expected = quantize(quantized.params, quantized.bounds, quantized.config)(x2_crop)
+    np.testing.assert_array_equal(np.asarray(jaxquant.quantize(str(files["w3"]))(x2_crop)), np.asarray(expected))
     model = load_model(files["w3"])
     assert model.config == quantized.config
     loaded, original = flat_bounds(model.bounds), flat_bounds(quantized.bounds)
