@@ -47,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.swinir import (
-    QKV, LayerNorm, QuantDense, SiteFn, _leaf_shapes, full_precision, gelu, pixel_shuffle, relative_position_index,
-    run_blocks, shifted_window_mask, site_dot_general, softmax, window_partition, window_reverse,
+    QKV, LayerNorm, QuantDense, SiteFn, _leaf_shapes, check_param_shapes, full_precision, gelu, pixel_shuffle,
+    relative_position_index, run_blocks, shifted_window_mask, site_dot_general, softmax, window_partition,
+    window_reverse,
 )
 
 Array = jax.Array
@@ -504,13 +505,4 @@ def config_from_params(params: Mapping) -> NGswinConfig:
 
 def check_params(config: NGswinConfig, params: Mapping) -> None:
     """A one-line ValueError unless every param has the shape `config` implies, none missing or extra."""
-    saved, expected = _leaf_shapes(params), param_shapes(config)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"params do not match {describe(config)}: {len(missing)} missing {missing[:2]}, "
-            f"{len(unexpected)} unexpected {unexpected[:2]}"
-        )
-    for path, shape in expected.items():
-        if saved[path] != shape:
-            raise ValueError(f"param {path} has shape {saved[path]}; {describe(config)} needs {shape}")
+    check_param_shapes(param_shapes(config), params, describe(config))

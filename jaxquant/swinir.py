@@ -543,16 +543,22 @@ def check_params(config: SwinIRConfig, params: Mapping) -> None:
             f"config depths {list(config.depths)}, window {config.window_size} do not match its params "
             f"({len(rows)} blocks, bias tables of {sorted(set(rows))} rows)"
         )
-    expected = param_shapes(config)
+    check_param_shapes(param_shapes(config), params, describe(config))
+
+
+def check_param_shapes(expected: Mapping[str, tuple[int, ...]], params: Mapping, description: str) -> None:
+    """A one-line ValueError unless `params` hold exactly the leaves of `expected` ('/'-joined path -> shape) at
+    those shapes, naming the first missing, extra or misshapen one and the model `description`."""
+    saved = _leaf_shapes(params)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"params do not match {describe(config)}: {len(missing)} missing {missing[:2]}, "
+            f"params do not match {description}: {len(missing)} missing {missing[:2]}, "
             f"{len(unexpected)} unexpected {unexpected[:2]}"
         )
     for path, shape in expected.items():
         if saved[path] != shape:
-            raise ValueError(f"param {path} has shape {saved[path]}; {describe(config)} needs {shape}")
+            raise ValueError(f"param {path} has shape {saved[path]}; {description} needs {shape}")
 
 
 def _leaf_shapes(tree: Mapping, prefix: str = "") -> dict[str, tuple[int, ...]]:
