@@ -13,17 +13,22 @@ Tensors:
                     `half`, read back as float32)
     codes           every quantized weight's packed codes, one stream after another (each from a byte boundary),
                     in the order of the `packing` metadata
+    colsums         each quantized weight's codes summed over its input axis (one per output; the integer
+                    forward's colsum(q_w), `jaxquant.integer`), one weight after another in the same order; uint16
+                    (uint32 where a sum exceeds 65535: K (2^b - 1) does not for SwinIR-light, K <= 120)
     bounds          every site's [l, u], (sites, 2) float32, rows in the order of the `bits` metadata
 Metadata (safetensors' string -> string): `format`, `version`, and JSON `config`, `bits` ({site: b}) and
 `packing` ({"order": "lsb-first", "shapes": {weight site: kernel shape}}). No pickle anywhere: a JSON header and
 raw bytes. One tensor for the codes and one for the bounds keep the header small: a tensor per site made it
-139 KB, a sixth of a W2 file with a float16 remainder. The integer forward's colsum of each weight's codes is
-computed when the file is read (storing it as int32 would cost 40 KB, 5% of that file).
+139 KB, a sixth of a W2 file with a float16 remainder. The colsums cost 20 KB (3% of that file); a reader can
+use them as they are. This one checks them against the codes (a numpy sum as the codes are unpacked, about a
+millisecond): a wrong colsum would shift every output of its layer by l_x s_w times the error and still run.
+Version 1 files (no colsums) are read with the colsums computed from their codes.
 
 Reading checks everything against the config before anything uses it (a truncated, tampered or foreign file is
 one ValueError naming what is wrong): the header and its metadata, the config, each bit width, the tensor names,
 dtypes and shapes (every param's and kernel's against the config), the codes' length and zero padding after each
-weight's last code, finite bounds.
+weight's last code, colsums equal to the codes' sums, finite bounds.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ from safetensors.numpy import load_file, save_file
 
 from jaxquant import models
 from jaxquant.checkpoint import Model
-from jaxquant.quant import Bounds, check_bits, check_finite_pair, flat_bounds, integer_affine, integer_view, is_weight_site, nest_bounds
+from jaxquant.quant import (Bounds, check_bits, check_finite_pair, flat_bounds, integer_affine, integer_view,
+                            is_weight_site, nest_bounds)
 
 FORMAT = "jaxquant-lowbit"
-VERSION = 1
+VERSION = 2  # 2 added `colsums`
+READABLE_VERSIONS = ("1", "2")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,6 +80,11 @@ def packed_size(count: int, bits: int) -> int:
 # The model in low-bit form
 
 
+def column_sums(codes: np.ndarray) -> np.ndarray:
+    """A kernel's codes (in, out) summed over the input axis: (out,) int32."""
+    return np.sum(codes, axis=0, dtype=np.int32)
+
+
 def kernel_path(site: str) -> str:
     """The param a weight site quantizes: '.../q/weight' -> '.../q/kernel' (`swinir.QuantDense`)."""
     return site.removesuffix("weight") + "kernel"
@@ -80,11 +92,12 @@ def kernel_path(site: str) -> str:
 
 class LowBitModel(NamedTuple):
     """A model as the file holds it: `params` without the quantized kernels (float32), and each quantized kernel
-    as its uint8 `codes` (the kernel's shape) by weight site."""
+    as its uint8 `codes` (the kernel's shape) and their `colsums` (`column_sums`) by weight site."""
 
     config: models.ModelConfig
     params: Mapping
     codes: Mapping[str, np.ndarray]
+    colsums: Mapping[str, np.ndarray]
     bounds: Mapping | None  # None: the FP model
 
     def dequantized(self) -> Model:
@@ -104,7 +117,8 @@ def to_lowbit(model: Model) -> LowBitModel:
     for site, b in flat_bounds(model.bounds or {}).items():
         if is_weight_site(site):
             codes[site] = np.asarray(integer_view(jnp.asarray(flat.pop(kernel_path(site))), b.lu, b.bits)[0])
-    return LowBitModel(model.config, unflatten_dict(flat, sep="/"), codes, model.bounds)
+    colsums = {site: column_sums(c) for site, c in codes.items()}
+    return LowBitModel(model.config, unflatten_dict(flat, sep="/"), codes, colsums, model.bounds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -117,13 +131,16 @@ def save_lowbit(path: str | Path, model: Model | LowBitModel, *, half: bool = Fa
     lowbit = model if isinstance(model, LowBitModel) else to_lowbit(model)
     float_dtype = np.float16 if half else np.float32
     # contiguous: safetensors writes a strided view's buffer as it lies in memory
-    tensors = {f"param/{p}": np.ascontiguousarray(v, float_dtype) for p, v in flatten_dict(lowbit.params, sep="/").items()}
+    tensors = {f"param/{p}": np.ascontiguousarray(v, float_dtype)
+               for p, v in flatten_dict(lowbit.params, sep="/").items()}
     bounds = flat_bounds(lowbit.bounds or {})
     bits = {site: b.bits for site, b in bounds.items()}
     if bounds:
         tensors["bounds"] = np.stack([np.asarray(b.lu, np.float32) for b in bounds.values()])
     if lowbit.codes:
         tensors["codes"] = np.concatenate([pack_codes(c, bits[site]) for site, c in lowbit.codes.items()])
+        colsums = np.concatenate([lowbit.colsums[site] for site in lowbit.codes])
+        tensors["colsums"] = colsums.astype(np.uint16 if colsums.max() <= np.iinfo(np.uint16).max else np.uint32)
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -149,6 +166,7 @@ def load_lowbit(path: str | Path) -> LowBitModel:
 
 def _read(path: Path) -> LowBitModel:
     metadata = _read_metadata(path)
+    has_colsums = metadata["version"] != "1"
     config = models.config_from_json(_json_field(metadata, "config"))
     bits = _json_field(metadata, "bits")
     packing = _json_field(metadata, "packing")
@@ -163,7 +181,7 @@ def _read(path: Path) -> LowBitModel:
     tensors = load_file(str(path))
     params = {name.removeprefix("param/"): v for name, v in tensors.items() if name.startswith("param/")}
     expected = {"bounds"} if bits else set()
-    expected |= {"codes"} if shapes else set()
+    expected |= ({"codes", "colsums"} if has_colsums else {"codes"}) if shapes else set()
     others = set(tensors) - {f"param/{name}" for name in params}
     if others != expected:
         raise ValueError(f"tensors {sorted(others)} besides the params; the metadata implies {sorted(expected)}")
@@ -178,7 +196,10 @@ def _read(path: Path) -> LowBitModel:
     if len(full) != len(flat_params) + len(codes):
         raise ValueError("a quantized kernel is also stored as a float param")
     models.check_params(config, unflatten_dict(full, sep="/"))
-    return LowBitModel(config, unflatten_dict(flat_params, sep="/"), codes, bounds)
+    colsums = {site: column_sums(c) for site, c in codes.items()}
+    if has_colsums and shapes:
+        _check_colsums(tensors["colsums"], colsums)
+    return LowBitModel(config, unflatten_dict(flat_params, sep="/"), codes, colsums, bounds)
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -186,8 +207,9 @@ def _read_metadata(path: Path) -> dict[str, str]:
         metadata = f.metadata() or {}
     if metadata.get("format") != FORMAT:
         raise ValueError(f"not a jaxquant model file (safetensors without {FORMAT!r} metadata)")
-    if metadata.get("version") != str(VERSION):
-        raise ValueError(f"format version {metadata.get('version')!r}; this version reads {VERSION}")
+    if metadata.get("version") not in READABLE_VERSIONS:
+        raise ValueError(f"format version {metadata.get('version')!r}; this version reads "
+                         f"{' and '.join(READABLE_VERSIONS)}")
     return metadata
 
 
@@ -225,6 +247,19 @@ def _unpack_all(stream: np.ndarray, shapes: dict, bits: dict[str, int]) -> dict[
             raise ValueError(f"the codes of {site} have bits set past their last code (tampered?)")
         codes[site] = unpack_codes(packed, bits[site], count).reshape(shape)
     return codes
+
+
+def _check_colsums(stored: np.ndarray, computed: Mapping[str, np.ndarray]) -> None:
+    """The stored colsums (one weight after another) against the sums of the codes as unpacked."""
+    count = sum(c.size for c in computed.values())
+    if stored.dtype not in (np.uint16, np.uint32) or stored.shape != (count,):
+        raise ValueError(f"colsums holds {stored.shape} {stored.dtype}; the packing metadata needs ({count},) uint16 "
+                         "or uint32")
+    start = 0
+    for site, sums in computed.items():
+        if not np.array_equal(stored[start:start + sums.size], sums):
+            raise ValueError(f"the colsums of {site} are not the sums of its codes (tampered?)")
+        start += sums.size
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
-from safetensors.numpy import save_file
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 import jaxquant
 from jaxquant.checkpoint import Model, load_model, save_model
@@ -126,11 +127,34 @@ def test_an_fp_model_file_holds_plain_float_params(x2, files):
         jaxquant.quantize(files["fp"])
 
 
+def test_the_file_holds_the_colsums_of_the_codes(files):
+    tensors, lowbit = load_file(str(files["w3"])), load_lowbit(files["w3"])
+    assert tensors["colsums"].dtype == np.uint16
+    expected = np.concatenate([codes.astype(np.int64).sum(axis=0) for codes in lowbit.codes.values()])
+    np.testing.assert_array_equal(tensors["colsums"], expected)
+    for site, codes in lowbit.codes.items():
+        np.testing.assert_array_equal(lowbit.colsums[site], codes.astype(np.int64).sum(axis=0), err_msg=site)
+
+
+def test_a_version_1_file_is_read_with_its_colsums_computed(files, tmp_path):
+    """Version 1 had no colsums tensor; its files (written by runs before version 2) still load."""
+    with safe_open(str(files["w3"]), framework="numpy") as f:
+        metadata = f.metadata() | {"version": "1"}
+    tensors = load_file(str(files["w3"]))
+    del tensors["colsums"]
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
+    old, new = load_lowbit(tmp_path / "v1.safetensors"), load_lowbit(files["w3"])
+    for site in new.codes:
+        np.testing.assert_array_equal(old.codes[site], new.codes[site], err_msg=site)
+        np.testing.assert_array_equal(old.colsums[site], new.colsums[site], err_msg=site)
+
+
 def test_file_size_is_the_packed_codes_plus_the_float_remainder(quantized, files):
     lowbit = load_lowbit(files["w3"])
     codes = sum(packed_size(c.size, 3) for c in lowbit.codes.values())
+    colsums = 2 * sum(c.shape[1] for c in lowbit.codes.values())  # uint16
     floats = sum(v.size for v in jax.tree.leaves(lowbit.params))
-    data = codes + 4 * floats + 4 * 2 * len(flat_bounds(quantized.bounds))
+    data = codes + colsums + 4 * floats + 4 * 2 * len(flat_bounds(quantized.bounds))
     header = struct.unpack("<Q", files["w3"].read_bytes()[:8])[0]
     assert files["w3"].stat().st_size == 8 + header + data
 
@@ -177,6 +201,11 @@ def tiny_file(tmp_path_factory) -> Path:
     return path
 
 
+def _change_a_colsum_by_one(header, data):
+    start, _ = header["colsums"]["data_offsets"]
+    data[start + 2 * 70] ^= 1  # the low byte of the 71st uint16 colsum: blocks_0's proj has 60, then k's 11th
+
+
 def _fc1_shape_swapped(packing):
     site = "layers_0/residual_group/blocks_0/mlp/fc1/weight"
     packing["shapes"][site] = packing["shapes"][site][::-1]  # (60, 120) -> (120, 60): as many codes
@@ -190,6 +219,8 @@ def _fc1_shape_swapped(packing):
     ("bits edited", r"codes holds \(\d+,\) uint8; the packing metadata needs \(\d+,\) uint8"),
     ("shape edited", r"param layers_0/residual_group/blocks_0/mlp/fc1/kernel has shape \(120, 60\); SwinIR x2 .* "
                      r"needs \(60, 120\)"),
+    ("colsum tampered", r"the colsums of layers_0/residual_group/blocks_0/attn/qkv/k/weight are not the sums of its codes"),
+    ("version unknown", r"format version '3'; this version reads 1 and 2"),
     ("config edited", r"params do not match|param .* has shape|config depths"),
     ("header garbled", r"not a readable safetensors file"),
     ("bounds not finite", r"bounds of .*: non-finite bounds \[1.0, inf\]"),
@@ -206,6 +237,10 @@ def test_a_bad_file_is_a_one_line_error_naming_it(files, tiny_file, tmp_path, ca
         _rewrite(source, target, _edit_metadata("bits", lambda bits: {site: 4 for site in bits}))
     elif case == "shape edited":
         _rewrite(source, target, _edit_metadata("packing", _fc1_shape_swapped))
+    elif case == "colsum tampered":
+        _rewrite(source, target, edit_data=_change_a_colsum_by_one)
+    elif case == "version unknown":
+        _rewrite(source, target, lambda header: header["__metadata__"].update(version="3"))
     elif case == "config edited":
         _rewrite(source, target, _edit_metadata("config", lambda config: config | {"embed_dim": 48}))
     elif case == "header garbled":
