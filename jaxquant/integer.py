@@ -215,7 +215,7 @@ class ComparedSites:
         codes = op.codes.reshape(self.copies, -1, *op.codes.shape[1:])
         flat = codes.reshape(self.copies, -1)
         # row by row: a (copies, copies, size) comparison at once would hold copies^2 times the codes
-        counts = jnp.stack([jnp.sum(flat == row, axis=-1, dtype=jnp.int32) for row in flat])
+        counts = jnp.stack([jnp.sum(flat == row[None], axis=-1, dtype=jnp.int32) for row in flat])
         module.sow("agreement", name, counts)
         n = len(self.products)
         forced = jnp.concatenate([codes[:n], jnp.broadcast_to(codes[:1], codes[n:].shape)])
