@@ -22,6 +22,11 @@ def add_matmul_precision_flag(parser: argparse.ArgumentParser, default: str | No
                              "faster on a GPU: TF32 there)")
 
 
+def add_devices_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--devices", type=int, metavar="N", help="split each batch over the first N devices of this "
+                        "process (default: all of them; docs/scaling.md)")
+
+
 def main_guard(main: Callable[..., None]) -> Callable[..., None]:
     """Run `main`, turning expected errors and Ctrl-C into a one-line message and exit status, and printing
     warnings as one line each (not with the source line that raised them)."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.quant import Bounds, fake_quant, true_divide
-from jaxquant import models
+from jaxquant import models, parallel
 from jaxquant.models import ModelConfig
 
 Array = jax.Array
@@ -56,19 +56,22 @@ def candidate_bounds(lo: Array, hi: Array, num: int, one_sided: bool, step_divis
 
 
 def quantization_error(x: Array, lu: Array, bits: int) -> Array:
-    """Squared L2 error ||x - Q(x)||^2 (same argmin as the official norm)."""
-    return jnp.sum(jnp.square(x - fake_quant(x, lu, bits)))
+    """Squared L2 error ||x - Q(x)||^2 (same argmin as the official norm) of each row of `x` (its leading axis)."""
+    return jnp.sum(jnp.square(x - fake_quant(x, lu, bits)).reshape(x.shape[0], -1), axis=1)
 
 
 def dobi_search(
     x: Array, bits: int, *, num_candidates: int = 100, one_sided: bool = False, step_divisor: int = 2
 ) -> Array:
-    """The [l, u] among the candidates that minimizes the quantization error of `x`; first minimum wins."""
-    x = x.reshape(-1)
+    """The [l, u] among the candidates that minimizes the quantization error of `x`; first minimum wins.
+
+    Where a batch is split over devices (`parallel`), so is an activation's leading axis (the batch, or batch x
+    windows): the min and max combine exactly, and each candidate's error is summed over the per-row errors
+    gathered whole, in one order whatever the device count, so the bounds do not depend on it."""
     cands = candidate_bounds(jnp.min(x), jnp.max(x), num_candidates, one_sided, step_divisor)
     batch = max(1, min(num_candidates, VMAP_ELEMENTS // x.size))
-    errors = jax.lax.map(lambda lu: quantization_error(x, lu, bits), cands, batch_size=batch)
-    return cands[jnp.argmin(errors)]
+    errors = jax.lax.map(lambda lu: quantization_error(x, lu, bits), cands, batch_size=batch)  # (K, rows)
+    return cands[jnp.argmin(jnp.sum(parallel.gather(errors), axis=1))]
 
 
 def minmax_bounds(x: Array) -> Array:

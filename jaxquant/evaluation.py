@@ -28,7 +28,7 @@ from tqdm import tqdm
 from jaxquant.checkpoint import Model
 from jaxquant.data import BenchmarkImage, write_image
 from jaxquant.metrics import psnr_y, ssim_y, to_uint8
-from jaxquant import models
+from jaxquant import models, parallel
 from jaxquant.models import ModelConfig
 from jaxquant.integer import IntegerModel, IntegerSites
 from jaxquant.quant import quantized_site
@@ -128,19 +128,28 @@ def forward_shapes(benchmarks: Mapping[str, Sequence[BenchmarkImage]], tiling: T
 
 
 def forward_compilations(
-    model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], tiling: Tiling = Tiling()
+    model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], tiling: Tiling = Tiling(),
+    devices: Sequence[jax.Device] | None = None,
 ) -> list[Callable]:
     """One thunk per input shape that evaluating `benchmarks` with `tiling` calls `model`'s forward with, which
     compiles it for that shape (see `compile_concurrently`); `super_resolve` then finds it compiled. A shape
     compiled before costs a cache lookup (~5 ms): the lowering and the executable are cached by the bounds'
-    structure, not their values."""
+    structure, not their values. With `devices`, one per shape and device, for `model`'s copy there (`evaluate`)."""
     shapes = sorted(forward_shapes(benchmarks, tiling))
 
-    def compile_for(shape):
-        args = (model.config, forward_site(model), variables(model), jax.ShapeDtypeStruct(shape, jnp.float32))
+    def compile_for(shape, copy):
+        args = (copy.config, forward_site(copy), variables(copy), jax.ShapeDtypeStruct(shape, jnp.float32))
         return _forward.lower(*args).compile()
 
-    return [functools.partial(compile_for, shape) for shape in shapes]
+    return [functools.partial(compile_for, shape, copy) for copy in copies(model, devices) for shape in shapes]
+
+
+def copies(model: Model | IntegerModel, devices: Sequence[jax.Device] | None) -> list:
+    """`model` with its arrays on each of `devices` (None: `model` as it is)."""
+    if devices is None:
+        return [model]
+    return [model._replace(params=parallel.to_device(model.params, d), bounds=parallel.to_device(model.bounds, d))
+            for d in devices]
 
 
 def compile_concurrently(compilations: Sequence[Callable]) -> None:
@@ -176,31 +185,43 @@ def super_resolve(model: Model, lr: np.ndarray, tile: int = 0, overlap: int = DE
 
 def evaluate(
     model: Model, benchmarks: Mapping[str, Sequence[BenchmarkImage]], *, tiling: Tiling = Tiling(),
-    save_dir: Path | None = None, show_progress: bool = True,
+    save_dir: Path | None = None, show_progress: bool = True, devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, dict]:
     """Per-image and mean PSNR / SSIM (Y channel) of `model` on each benchmark (see `load_benchmarks`), whole
-    images or tiled as `tiling` says; a benchmark that `tiling` tiles by itself is named on stdout."""
-    compile_concurrently(forward_compilations(model, benchmarks, tiling))
-    return {name: _evaluate_images(model, name, images, tiling, save_dir, show_progress)
+    images or tiled as `tiling` says; a benchmark that `tiling` tiles by itself is named on stdout.
+
+    With `devices` (a mesh's local devices), `model` is copied to each, and images (of any shape, so not one
+    batch) run one a device at a time, each device's from its own thread; every image's result is the one
+    device's."""
+    placed = copies(model, devices)
+    compile_concurrently(forward_compilations(model, benchmarks, tiling, devices))
+    return {name: _evaluate_images(placed, name, images, tiling, save_dir, show_progress)
             for name, images in benchmarks.items()}
 
 
 def _evaluate_images(
-    model: Model, name: str, images: Sequence[BenchmarkImage], tiling: Tiling, save_dir: Path | None,
+    placed: Sequence[Model], name: str, images: Sequence[BenchmarkImage], tiling: Tiling, save_dir: Path | None,
     show_progress: bool,
 ) -> dict:
-    scale = model.config.upscale
+    scale = placed[0].config.upscale
     tile = tiling.tile_for(images)
     if tile and tiling.tile is None:
         print(f"{name} x{scale}: whole images would keep ~{whole_image_memory(images) / 2**30:.1f} GiB of compiled "
               f"forwards (over {WHOLE_IMAGE_BUDGET / 2**30:.0f} GiB); running {tile}x{tile} tiles overlapping by "
               f"{tiling.overlap} (--tile 0 for whole images)")
     per_image = {}
-    for image in tqdm(images, desc=f"{name} x{scale}", unit="img", disable=not show_progress, leave=False):
-        sr = to_uint8(super_resolve(model, image.lr, tile, tiling.overlap))
-        per_image[image.name] = {"psnr": psnr_y(sr, image.hr, scale), "ssim": ssim_y(sr, image.hr, scale)}
-        if save_dir is not None:
-            write_image(Path(save_dir) / name / f"{image.name}.png", sr)
+    run = with_matmul_precision_here(lambda copy, image: to_uint8(super_resolve(copy, image.lr, tile, tiling.overlap)))
+    with (tqdm(total=len(images), desc=f"{name} x{scale}", unit="img", disable=not show_progress, leave=False) as bar,
+          ThreadPoolExecutor(max_workers=len(placed)) as threads):
+        # One device inline: XLA:CPU keeps its scratch only for the main thread (`cpu_memory`).
+        mapped = map if len(placed) == 1 else threads.map
+        for first in range(0, len(images), len(placed)):
+            group = images[first:first + len(placed)]
+            for image, sr in zip(group, mapped(run, placed, group)):
+                per_image[image.name] = {"psnr": psnr_y(sr, image.hr, scale), "ssim": ssim_y(sr, image.hr, scale)}
+                if save_dir is not None:
+                    write_image(Path(save_dir) / name / f"{image.name}.png", sr)
+                bar.update()
     return {
         "psnr": float(np.mean([r["psnr"] for r in per_image.values()])),
         "ssim": float(np.mean([r["ssim"] for r in per_image.values()])),

@@ -120,11 +120,12 @@ def _sample_one(pool: PatchPool, key: Array, lr_size: int, augment: bool) -> tup
     return crop(pool.lr, 1), None if pool.hr is None else crop(pool.hr, pool.scale)
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "lr_size", "augment"))
+@functools.partial(jax.jit, static_argnames=("batch", "lr_size", "augment", "rows"))
 def sample_patches(
-    pool: PatchPool, key: Array, batch: int, lr_size: int, augment: bool = True
+    pool: PatchPool, key: Array, batch: int, lr_size: int, augment: bool = True, rows: tuple[int, int] | None = None
 ) -> tuple[Array, Array | None]:
     """`batch` random aligned crops: LR (B, lr_size, lr_size, C) and HR (B, s*lr_size, s*lr_size, C) or None.
+    Given `rows` `(start, stop)`, only those rows of that batch (a process's share: `parallel.process_rows`).
 
     Float32 in [0, 1]. Each crop takes a uniformly random image, a uniformly random position inside it, and
     (with `augment`) random hflip / vflip / transpose, the same on LR and HR. Jitted (`batch`, `lr_size` and
@@ -132,5 +133,5 @@ def sample_patches(
     """
     if lr_size > pool.min_size:
         raise ValueError(f"patch size {lr_size} exceeds the pool's guaranteed image side {pool.min_size}")
-    keys = jax.random.split(key, batch)
+    keys = jax.random.split(key, batch)[slice(*rows or (0, batch))]
     return jax.vmap(lambda k: _sample_one(pool, k, lr_size, augment))(keys)

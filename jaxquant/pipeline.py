@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxquant.checkpoint import Model, load_model, save_model
 from jaxquant.cli import MATMUL_PRECISIONS
@@ -42,7 +43,7 @@ from jaxquant.lowbit import fp_bytes, save_lowbit
 from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import (BIT_WIDTHS, QuantRules, bounds_from_official, bounds_to_official, flat_bounds, init_bounds,
                             list_sites, official_name, validate_bounds)
-from jaxquant import models
+from jaxquant import models, parallel
 from jaxquant.models import ModelConfig
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json, read_json_object,
                            read_run_json, stop_on_interrupt, write_atomically, write_results)
@@ -116,6 +117,7 @@ class QuantizeConfig:
     export_bounds: str | None = None
     seed: int = 0
     matmul_precision: str = "highest"  # jax_default_matmul_precision for the whole run (cli.MATMUL_PRECISIONS)
+    devices: int | None = None  # devices per process batches are split over (`parallel.data_mesh`); None: all
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -317,8 +319,10 @@ def write_bounds_json(path: Path, bounds: dict, config: ModelConfig) -> None:
 # DQC with validation, best-bounds selection and exact resume
 
 
-def _validation_psnr(model: Model, bounds, images: Sequence[BenchmarkImage]) -> float:
-    return evaluate(model._replace(bounds=bounds), {"validation": images}, show_progress=False)["validation"]["psnr"]
+def _validation_psnr(model: Model, bounds, images: Sequence[BenchmarkImage], mesh: Mesh | None) -> float:
+    scores = evaluate(model._replace(bounds=bounds), {"validation": images}, show_progress=False,
+                      devices=parallel.local_devices(mesh))
+    return scores["validation"]["psnr"]
 
 
 class Distillation(NamedTuple):
@@ -357,7 +361,7 @@ def distill(
     model: Model, bounds: dict, dqc: DQCConfig, pool: PatchPool, *, seed: int = 0,
     validation: Sequence[BenchmarkImage] | None = None, validate_every: int = 100,
     resume: Distillation | None = None, stop_at: int | None = None,
-    after_step: Callable[[int, Distillation], bool] | None = None, desc: str = "DQC",
+    after_step: Callable[[int, Distillation], bool] | None = None, desc: str = "DQC", mesh: Mesh | None = None,
 ) -> Distillation:
     """DQC from `bounds`: `dqc.steps` Adam steps on batches of `dqc.batch` LR patches of `dqc.patch` pixels drawn
     from `pool` (`patches.lr_pool_from_folder`), with a progress bar. `bounds` and `model` are left as they are.
@@ -367,18 +371,23 @@ def distill(
     not candidates; see `_preference`); without, `best` is the last step's bounds once it returns. `resume`
     continues a returned (or checkpointed) run, which stays valid; `stop_at` ends it early at that step.
     `after_step(step, run)` runs after each step (the pipeline checkpoints there) and stops the loop by returning
-    True."""
+    True. With a `mesh` (`parallel.data_mesh`), each batch is split over its devices and this process samples
+    only its rows of it."""
+    parallel.check_batch(dqc.batch, mesh)
     run = resume or Distillation(init_state(bounds, dqc), bounds, jax.random.PRNGKey(seed), [])
     start, stop = int(run.state.step), min(dqc.steps, stop_at or dqc.steps)
     state, best, history = _copy(run.state), run.best, list(run.history)  # the loop donates its own state
+    model, state = model._replace(params=parallel.replicate(model.params, mesh)), parallel.replicate(state, mesh)
     with progress(dqc.steps, start, desc=desc) as bar:
         for step in range(start, stop):
-            images, _ = sample_patches(pool, jax.random.fold_in(run.key, step), dqc.batch, dqc.patch)
+            rows, _ = sample_patches(pool, jax.random.fold_in(run.key, step), dqc.batch, dqc.patch,
+                                     rows=parallel.process_rows(dqc.batch))
+            images = parallel.shard_batch(rows, dqc.batch, mesh)
             state, terms = donating_dqc_step(model.config, dqc, state, model.params, images)
             done = step + 1
             bar.update(1)
             if validation is not None and (done % validate_every == 0 or done == dqc.steps):
-                psnr = _validation_psnr(model, state.bounds, validation)
+                psnr = _validation_psnr(model, state.bounds, validation, mesh)
                 entry = {"step": done, "loss": float(terms["loss"]), "psnr": psnr}
                 crossed = _crossed_site(state.bounds)
                 if crossed is not None:  # Adam moved an upper bound below its lower one
@@ -403,7 +412,8 @@ def dqc_pool(run: QuantizeConfig) -> PatchPool:
 
 
 def run_dqc(
-    model: Model, bounds: dict, run: QuantizeConfig, pool: PatchPool, run_dir: Path, stop_after: int | None = None
+    model: Model, bounds: dict, run: QuantizeConfig, pool: PatchPool, run_dir: Path, stop_after: int | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[dict, dict]:
     """`distill` as a run directory holds it: validated on Set5 (of `run.data_root`: `run` with its paths), with
     checkpoints every `checkpoint_every` steps that resume bit for bit. Returns the best bounds and a log.
@@ -435,7 +445,8 @@ def run_dqc(
 
         set5 = load_benchmark(run.data_root, "Set5", run.scale)
         result = distill(model, bounds, dqc, pool, seed=run.seed, validation=set5, validate_every=run.validate_every,
-                         resume=resume, stop_at=stop, after_step=checkpoint, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}")
+                         resume=resume, stop_at=stop, after_step=checkpoint, desc=f"DQC W{run.bits}A{run.bits} x{run.scale}",
+                         mesh=mesh)
         if interrupted():
             raise KeyboardInterrupt(f"DQC checkpointed at step {int(result.state.step)}")
     kept = result.kept
@@ -508,7 +519,7 @@ def _uncalibrated(run: QuantizeConfig, run_dir: Path, resume: bool) -> list[str]
 
 
 def _calibrate(model: Model, start: dict, run: QuantizeConfig, run_dir: Path, todo: list[str],
-               images: jax.Array | None) -> dict[str, dict]:
+               images: jax.Array | None, mesh: Mesh) -> dict[str, dict]:
     """The bounds of each initialisation in `run.calibrations` by label: those in `todo` calibrated on
     `images` and written as JSON, the others (a resume's) read back."""
     stages = {}
@@ -520,7 +531,8 @@ def _calibrate(model: Model, start: dict, run: QuantizeConfig, run_dir: Path, to
                 continue
             bar.set_postfix_str(label)
             calibration = Calibration(method=method, strategy=strategy, percentile=run.percentile)
-            stages[label] = _checked(label, calibrate(model.config, calibration, model.params, start, images))
+            with jax.set_mesh(mesh):  # DOBI sums its errors in one order whatever the device count
+                stages[label] = _checked(label, calibrate(model.config, calibration, model.params, start, images))
             write_bounds_json(_bounds_file(run_dir, init), stages[label], model.config)
             bar.update(1)
     return stages
@@ -535,21 +547,25 @@ def _checked(label: str, bounds: dict) -> dict:
     return bounds
 
 
-def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: dict) -> list:
+def _compilations(model: Model, start: dict, run: QuantizeConfig, benchmarks: dict, mesh: Mesh) -> list:
     """What the run compiles after calibration: the FP and fake-quant forwards at every benchmark (and Set5
     validation) image shape, and the DQC step. Compiled beside the calibration, they cost no wall time there
-    (on an H100, the step took ~55 s and Set5's five shapes ~90 s, one after another)."""
+    (on an H100, the step took ~55 s and Set5's five shapes ~90 s, one after another). The params and `start`
+    are replicated over `mesh` as the run's are: a program is compiled for its arguments' placement."""
     validation = {"Set5": load_benchmark(run.data_root, "Set5", run.scale)} if run.dqc else {}
-    quantized = model._replace(bounds=start)
-    forwards = [*forward_compilations(model, benchmarks, run.tiling),
-                *forward_compilations(quantized, benchmarks, run.tiling),
-                *forward_compilations(quantized, validation)]  # DQC validates on whole images
-    return forwards + ([functools.partial(_compile_step, model, start, run.dqc)] if run.dqc else [])
+    quantized, devices = model._replace(bounds=start), mesh.local_devices
+    forwards = [*forward_compilations(model, benchmarks, run.tiling, devices),
+                *forward_compilations(quantized, benchmarks, run.tiling, devices),
+                *forward_compilations(quantized, validation, devices=devices)]  # DQC validates on whole images
+    return forwards + ([functools.partial(_compile_step, model, start, run.dqc, mesh)] if run.dqc else [])
 
 
-def _compile_step(model: Model, start: dict, dqc: DQCConfig) -> None:
-    images = jax.ShapeDtypeStruct((dqc.batch, dqc.patch, dqc.patch, 3), jnp.float32)
-    donating_dqc_step.lower(model.config, dqc, init_state(start, dqc), model.params, images).compile()
+def _compile_step(model: Model, start: dict, dqc: DQCConfig, mesh: Mesh) -> None:
+    """The DQC step for `distill`'s arguments: `start` and the params replicated, the batch split over `mesh`."""
+    images = jax.ShapeDtypeStruct((dqc.batch, dqc.patch, dqc.patch, 3), jnp.float32,
+                                  sharding=parallel.batch_sharded(mesh))
+    state = parallel.replicate(init_state(start, dqc), mesh)
+    donating_dqc_step.lower(model.config, dqc, state, model.params, images).compile()
 
 
 def _timed(fn, *args) -> float:
@@ -568,15 +584,21 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
     unset (`QuantizeConfig.with_paths`).
 
     Every input loads before the run directory is claimed: a run recorded with a bad input could neither be
-    resumed nor started again there. Matmuls run at `run.matmul_precision` throughout."""
+    resumed nor started again there. Matmuls run at `run.matmul_precision` throughout.
+
+    Batches (calibration and DQC) are split over `run.devices` devices of every process (`parallel.data_mesh`),
+    which must divide them; the model and bounds are replicated. Only process 0 writes files, but for orbax's."""
     with jax.default_matmul_precision(run.matmul_precision):
         return _quantize_run(run, run_dir, data_root, resume)
 
 
 def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bool) -> dict:
     run = run.with_paths(data_root)
+    mesh = parallel.data_mesh(run.devices)
     if run.dqc and not resume:  # recorded as it runs here: a resume elsewhere then rounds the same
         run = dataclasses.replace(run, dqc=run.dqc.resolved())
+    if run.dqc:
+        parallel.check_batch(run.dqc.batch, mesh)
     _check_paths(run, run_dir, resume)
     model = load_model(run.model)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:
@@ -585,44 +607,42 @@ def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: b
     benchmarks = load_benchmarks(run.data_root, run.datasets, run.scale)  # a bad image fails now, not after DQC
     todo = [] if imported is not None else _uncalibrated(run, run_dir, resume)
     images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed) if todo else None
+    if images is not None:
+        parallel.check_batch(len(images), mesh, "the calibration batch (--calib-patches)")
+        images = parallel.shard_batch(images[slice(*parallel.process_rows(len(images)))], len(images), mesh)
     pool = dqc_pool(run) if run.dqc else None
     claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
 
-    start = init_bounds(model.config, QuantRules.uniform(run.bits))
+    # Placed once as every jitted call gets them, so that the programs compiled ahead are the ones called.
+    model = model._replace(params=parallel.replicate(model.params, mesh))
+    start = parallel.replicate(init_bounds(model.config, QuantRules.uniform(run.bits)), mesh)
     seconds = {}  # wall time of each phase in this process, compilation included
     with ThreadPoolExecutor(max_workers=1) as background:
-        compilations = _compilations(model, start, run, benchmarks)
+        compilations = _compilations(model, start, run, benchmarks, mesh)
         ahead = background.submit(with_matmul_precision_here(_timed), compile_concurrently, compilations)
         clock = time.perf_counter()
         stages = ({"imported": imported} if imported is not None
-                  else _calibrate(model, start, run, run_dir, todo, images))
+                  else _calibrate(model, start, run, run_dir, todo, images, mesh))
+        stages = {label: parallel.replicate(bounds, mesh) for label, bounds in stages.items()}  # tree.map would sort them
         seconds["calibration"] = time.perf_counter() - clock
         seconds["compilation (beside calibration)"] = ahead.result()
     clock = time.perf_counter()
 
     dqc_log = None
     if run.dqc is not None:
-        distilled, dqc_log = run_dqc(model, list(stages.values())[-1], run, pool, run_dir)
+        distilled, dqc_log = run_dqc(model, list(stages.values())[-1], run, pool, run_dir, mesh=mesh)
         stages["DQC"] = distilled  # its crossed pairs, if any, are named in a warning (`run_dqc`)
         seconds["dqc"], clock = time.perf_counter() - clock, time.perf_counter()
     final_name, final = list(stages.items())[-1]
 
-    rows = {"FP": evaluate(model, benchmarks, tiling=run.tiling)}
-    for name, bounds in stages.items():
-        rows[name] = evaluate(model._replace(bounds=bounds), benchmarks, tiling=run.tiling)
+    score = functools.partial(evaluate, benchmarks=benchmarks, tiling=run.tiling, devices=mesh.local_devices)
+    rows = {"FP": score(model)} | {name: score(model._replace(bounds=bounds)) for name, bounds in stages.items()}
     table = results_table(rows, run.datasets)
     seconds["evaluation"] = time.perf_counter() - clock
 
     save_model(run_dir / "model", model._replace(bounds=final), overwrite=resume)  # a resume may have saved it
-    lowbit_file = run_dir / f"model_w{run.bits}a{run.bits}.safetensors"
-    size = {"file": lowbit_file.name, "bytes": save_lowbit(lowbit_file, model._replace(bounds=final)),
-            "fp_float32_bytes": fp_bytes(model)}
     if run.export_bounds:
         write_bounds_json(Path(run.export_bounds), final, model.config)
-    comparison_grid(
-        {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
-        benchmarks[run.datasets[0]][:3], run_dir / "comparison.png",
-    )
     results = {
         "config": run.to_dict(),
         "model": run.model,
@@ -631,8 +651,24 @@ def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: b
         "dqc": dqc_log,
         "seconds": seconds,
         "device": str(jax.devices()[0].device_kind),
+        "devices": parallel.describe(mesh),
     }
+    if not parallel.is_main_process():  # process 0 writes the files
+        return results
+    # from its own copy of the model: a computation over the mesh would wait for the other processes
+    device = mesh.local_devices[0]
+    model = model._replace(params=parallel.to_device(model.params, device))
+    stages = {label: parallel.to_device(bounds, device) for label, bounds in stages.items()}
+    final = stages[final_name]
+    lowbit_file = run_dir / f"model_w{run.bits}a{run.bits}.safetensors"
+    size = {"file": lowbit_file.name, "bytes": save_lowbit(lowbit_file, model._replace(bounds=final)),
+            "fp_float32_bytes": fp_bytes(model)}
+    comparison_grid(
+        {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
+        benchmarks[run.datasets[0]][:3], run_dir / "comparison.png",
+    )
     results["lowbit"] = size
-    write_results(run_dir, results, _results_markdown(run, table, dqc_log, seconds, results["device"], size))
+    write_results(run_dir, results, _results_markdown(run, table, dqc_log, seconds,
+                                                      f"{results['device']} ({results['devices']})", size))
     return results
 

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from jaxquant import parallel
 from jaxquant.checkpoint import reading_checkpoint
 from jaxquant.cli import interrupted
 from jaxquant.data import check_output_path
@@ -70,7 +71,10 @@ def _unpack(packed: dict[str, np.ndarray], target: Any) -> Any:
 
 def check_run_dir(run_dir: Path, config_file: str, resume: bool, kind: str) -> None:
     """Refuse, before any work, a run dir the run could not claim: for a resume one that holds no `kind`; for a
-    new run one that holds a run or anything else, or that could not be created (under a file, read-only)."""
+    new run one that holds a run or anything else, or that could not be created (under a file, read-only). In a
+    multi-host run process 0 alone checks and claims it: the others would find it claimed."""
+    if not parallel.is_main_process():
+        return
     if resume:
         read_run_json(run_dir, config_file, kind)
     elif (run_dir / config_file).exists():
@@ -87,6 +91,8 @@ def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, k
     A run dir belongs to one run: its checkpoints hold that run's state, which a run with other settings must
     not silently continue (it would keep the old seed, optimizer state and validation history). A setting the
     saved config lacks is newer than the run, which resumes with its current value."""
+    if not parallel.is_main_process():
+        return
     check_run_dir(run_dir, config_file, resume, kind)
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +138,9 @@ def read_json_object(path: Path) -> dict:
 
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a file beside it and a rename: a kill leaves the old file or the new one,
-    never a torn one that a resume could not read back."""
+    never a torn one that a resume could not read back. In a multi-host run only process 0 writes."""
+    if not parallel.is_main_process():
+        return
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     try:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxquant.checkpoint import Model, load_model, save_model
@@ -35,6 +36,7 @@ from jaxquant.data import BenchmarkImage, default_data_root, load_benchmark
 from jaxquant.evaluation import super_resolve
 from jaxquant.metrics import psnr_y, to_uint8
 from jaxquant.patches import PatchPool, lr_pool_from_folder, sample_patches
+from jaxquant import parallel
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json_object, read_run_json,
                            stop_on_interrupt, write_results)
 from jaxquant.swinir import SwinIR, SwinIRConfig, swinir_light
@@ -71,6 +73,7 @@ class TrainConfig:
     train_dir: str = ""  # HR training images; "": <data_root>/train/t291
     init: str = ""  # any `load_model` source; "": random init
     matmul_precision: str = "highest"  # jax_default_matmul_precision for the whole run (cli.MATMUL_PRECISIONS)
+    devices: int | None = None  # devices per process the batch is split over (`parallel.data_mesh`); None: all
 
     def __post_init__(self):
         if self.model is not None and self.model.upscale != self.scale:
@@ -187,8 +190,11 @@ def l1_loss(params: Params, model: SwinIR, lr: Array, hr: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames="cfg", donate_argnames="state")
 def train_step(state: TrainState, pool: PatchPool, cfg: TrainConfig) -> tuple[TrainState, Array]:
-    """One Adam step on an L1 loss over a fresh batch of patches; returns the new state and the loss."""
+    """One Adam step on an L1 loss over a fresh batch of patches; returns the new state and the loss. Under
+    `jax.set_mesh(parallel.data_mesh(...))` the batch is split over the mesh's devices (the state and pool
+    replicated): each device samples and runs its own rows."""
     lr, hr = sample_patches(pool, jax.random.fold_in(state.key, state.step), cfg.batch, cfg.patch)
+    lr, hr = parallel.constrain_to_batch(lr), parallel.constrain_to_batch(hr)
     model = SwinIR(cfg.swinir, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32, remat=cfg.remat)
     loss, grads = jax.value_and_grad(l1_loss)(state.params, model, lr, hr)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float constants (b1 ** count)
@@ -230,25 +236,29 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, stop_afte
     `run_dir` gets `train_config.json`, `checkpoints/<step>` every `cfg.ckpt_every` steps, and at the end
     `model/` (a `load_model` source) with `results.json` / `results.md`. `stop_after` ends the process
     after that step as if it were killed (for time-boxed jobs and tests). A first Ctrl-C stops the run after
-    the current step, checkpointed, with a `KeyboardInterrupt`. Matmuls run at `cfg.matmul_precision`.
+    the current step, checkpointed, with a `KeyboardInterrupt`. Matmuls run at `cfg.matmul_precision`. Each
+    batch is split over `cfg.devices` devices of every process (`parallel.data_mesh`), which must divide it.
     """
     with jax.default_matmul_precision(cfg.matmul_precision):
-        return _train(cfg, Path(run_dir), resume, stop_after)
+        mesh = parallel.data_mesh(cfg.devices)
+        with jax.set_mesh(mesh):
+            return _train(cfg, mesh, Path(run_dir), resume, stop_after)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, stop_after: int | None) -> dict | None:
+def _train(cfg: TrainConfig, mesh: Mesh, run_dir: Path, resume: bool, stop_after: int | None) -> dict | None:
     check_run_dir(run_dir, CONFIG_FILE, resume, RUN_KIND)
-    pool = lr_pool_from_folder(cfg.images_dir, cfg.scale, min_size=cfg.patch)
+    parallel.check_batch(cfg.batch, mesh)
+    pool = parallel.replicate(lr_pool_from_folder(cfg.images_dir, cfg.scale, min_size=cfg.patch), mesh)
     val_images = load_benchmark(cfg.data_dir, "Set5", cfg.scale) if cfg.val_every else []
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     # A resumed run takes its params from its checkpoint, not from `init`, which may be gone by now.
-    state = init_state(dataclasses.replace(cfg, init="") if resume else cfg)
+    state = parallel.replicate(init_state(dataclasses.replace(cfg, init="") if resume else cfg), mesh)
     loss, started = None, time.perf_counter()
     # Claimed once the inputs have loaded: a run recorded with a bad input could not be started again there.
     claim_run_dir(run_dir, CONFIG_FILE, cfg.to_dict(), resume, RUN_KIND)
     with RunCheckpointer(run_dir, cfg.ckpt_every) as checkpoints:
         if resume:
-            state = checkpoints.restore_latest(state) or init_state(cfg)  # none: killed before the first one
+            state = checkpoints.restore_latest(state) or parallel.replicate(init_state(cfg), mesh)  # none: killed early
         first = int(state.step)
         if first == cfg.steps and (run_dir / "results.json").is_file():  # resuming a finished run
             return read_json_object(run_dir / "results.json")
@@ -274,6 +284,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, stop_after: int | None
         "steps": cfg.steps,
         "steps_this_process": cfg.steps - first,
         "seconds_this_process": round(time.perf_counter() - started, 1),
+        "devices": parallel.describe(mesh),
         "config": cfg.to_dict(),
     }
     write_results(run_dir, results, _results_table(cfg, results))

@@ -12,11 +12,12 @@ import jax
 
 from jaxquant.checkpoint import load_model
 from jaxquant.integer import load_integer_model
-from jaxquant.cli import add_matmul_precision_flag, add_tiling_flags, main_guard
+from jaxquant.cli import add_devices_flag, add_matmul_precision_flag, add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.data import benchmark_names, check_output_path, load_benchmarks, resolve_data_root
 from jaxquant.evaluation import Tiling, evaluate, results_table
 from jaxquant.models import describe
+from jaxquant.parallel import data_mesh, describe as describe_devices, initialize_distributed
 
 
 def check_outputs(out: Path | None, images_dir: Path | None, datasets: list[str]) -> None:
@@ -50,17 +51,19 @@ def main():
     parser.add_argument("--save-images", type=Path, metavar="DIR", help="write the SR images here")
     add_tiling_flags(parser)
     add_matmul_precision_flag(parser)
+    add_devices_flag(parser)
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
     tiling = Tiling(args.tile, args.tile_overlap)
     root = resolve_data_root(args.data_root)
     datasets = benchmark_names(args.datasets, root)
     check_outputs(args.out, args.save_images, datasets)
+    mesh = data_mesh(args.devices)  # images spread over its devices, one a device at a time
     model = load_integer_model(args.model) if args.integer else load_model(args.model)
     kind = "integer" if args.integer else "FP" if model.bounds is None else "quantized"
-    print(f"{describe(model.config)}, {kind}, matmul precision {args.matmul_precision}")
+    print(f"{describe(model.config)}, {kind}, matmul precision {args.matmul_precision}, {describe_devices(mesh)}")
     benchmarks = load_benchmarks(root, datasets, model.config.upscale)
-    results = evaluate(model, benchmarks, tiling=tiling, save_dir=args.save_images)
+    results = evaluate(model, benchmarks, tiling=tiling, save_dir=args.save_images, devices=mesh.local_devices)
     print(results_table({kind: results}, datasets))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -70,5 +73,6 @@ def main():
 
 
 if __name__ == "__main__":
+    initialize_distributed()  # a multi-host run, where the coordinator's environment says so (docs/scaling.md)
     keep_cpu_scratch()  # the process is the script's own: each forward's scratch is not faulted in afresh
     main()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from jaxquant.cli import add_matmul_precision_flag, add_tiling_flags, main_guard
+from jaxquant.cli import add_devices_flag, add_matmul_precision_flag, add_tiling_flags, main_guard
 from jaxquant.cpu_memory import keep_cpu_scratch
 from jaxquant.dobi import Strategy
 from jaxquant.data import benchmark_names, resolve_data_root
@@ -24,6 +24,7 @@ from jaxquant.pipeline import (
     CALIB_PATCHES, CONFIG_FILE, INITS, PRESETS, VALIDATE_EVERY, QuantizeConfig, architecture_of, default_preset,
     quantize_run, preset as preset_of,
 )
+from jaxquant.parallel import initialize_distributed
 from jaxquant.runs import interrupted_run
 
 
@@ -34,7 +35,7 @@ CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "
 IGNORED_WITH = {
     "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
                                                   "--import-bounds", "--export-bounds", "--run-dir", "--seed",
-                                                  "--tile", "--tile-overlap", "--matmul-precision"},
+                                                  "--tile", "--tile-overlap", "--matmul-precision", "--devices"},
     "--no-dqc": DQC_FLAGS,
     "--import-bounds": CALIBRATION_FLAGS,
 }
@@ -71,7 +72,7 @@ def parse_args():
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"DQC settings (default: by backend, now {default_preset()})")
     p.add_argument("--no-dqc", action="store_true", help="stop after the bound initialisation")
     p.add_argument("--steps", type=int, help="DQC steps (overrides the preset, as do the next four)")
-    p.add_argument("--batch", type=int, help="DQC patches per step")
+    p.add_argument("--batch", type=int, help="DQC patches per step, over all devices")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--b2", type=float, help="Adam beta2 (the official code: 0.99, the paper: 0.999)")
     p.add_argument("--cosine", action="store_true", default=None,
@@ -97,6 +98,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0, help="draws the calibration patches from an image folder and "
                    "the DQC batches (default: 0)")
     add_matmul_precision_flag(p)
+    add_devices_flag(p)
     args = p.parse_args()
     given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
     for flag, ignored in IGNORED_WITH.items():
@@ -125,7 +127,7 @@ def config_from_args(args, data_root: Path) -> tuple[QuantizeConfig, str | None]
         datasets=tuple(benchmark_names(args.datasets, data_root)), tile=args.tile, tile_overlap=args.tile_overlap,
         import_bounds=args.import_bounds,
         compare=tuple(c for c in args.compare.split(",") if c), export_bounds=args.export_bounds, seed=args.seed,
-        matmul_precision=args.matmul_precision,
+        matmul_precision=args.matmul_precision, devices=args.devices,
     ), preset
 
 
@@ -148,9 +150,11 @@ def main():
     print(results_table(results["results"], run.datasets))
     if results["dqc"]:
         print(f"DQC bounds kept from step {results['dqc']['best_step']} (best Set5 PSNR during validation)")
+    print(f"ran on {results['devices']}")
     print(f"run directory: {run_dir}")
 
 
 if __name__ == "__main__":
+    initialize_distributed()  # a multi-host run, where the coordinator's environment says so (docs/scaling.md)
     keep_cpu_scratch()  # the process is the script's own; before parse_args, whose --help asks JAX for the backend
     main()

@@ -14,14 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from jaxquant.cli import add_matmul_precision_flag, main_guard
+from jaxquant.cli import add_devices_flag, add_matmul_precision_flag, main_guard
 from jaxquant.data import list_images, resolve_data_root
+from jaxquant.parallel import initialize_distributed
 from jaxquant.runs import interrupted_run
 from jaxquant.train import CONFIG_FILE, TrainConfig, load_config, preset, train
 
 # flags named after TrainConfig fields; with --resume none may be given (the run dir holds the config)
 CONFIG_FLAGS = ("scale", "steps", "batch", "lr", "warmup", "bf16", "remat", "val_every", "ckpt_every", "init", "seed",
-                "data_root", "train_dir", "matmul_precision")
+                "data_root", "train_dir", "matmul_precision", "devices")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", help="holds benchmark/Set5 (default: $JAXQUANT_DATA or ../shared/data)")
     p.add_argument("--train-dir", help="folder of HR training images (default: <data-root>/train/t291)")
     p.add_argument("--steps", type=int, help="total steps (preset: 1278 at x2, 380 at x3/x4)")
-    p.add_argument("--batch", type=int, help="patches per step (default 64)")
+    p.add_argument("--batch", type=int, help="patches per step, over all devices (default 64)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-4)")
     p.add_argument("--warmup", type=int, help="linear warmup steps, must be < --steps (preset: 100 at x2, 20)")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 compute, float32 params and loss")
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/train_x<scale>_<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR with its own config")
     add_matmul_precision_flag(p, default=None)
+    add_devices_flag(p)
     args = p.parse_args(argv)
     spelled = {"remat": "no-remat"}
     given = [f"--{spelled.get(flag, flag.replace('_', '-'))}" for flag in (*CONFIG_FLAGS, "run_dir")
@@ -77,8 +79,10 @@ def main(argv=None) -> None:
     except KeyboardInterrupt as stopped:
         sys.exit(interrupted_run(stopped, run_dir, CONFIG_FILE, "scripts/train.py"))
     psnr = results["set5_psnr_y"]
-    print(f"done: {run_dir / 'model'}" + ("" if psnr is None else f", Set5 PSNR-Y {psnr:.2f} dB"))
+    where = f" on {results['devices']}" if "devices" in results else ""  # runs finished before it was recorded
+    print(f"done{where}: {run_dir / 'model'}" + ("" if psnr is None else f", Set5 PSNR-Y {psnr:.2f} dB"))
 
 
 if __name__ == "__main__":
+    initialize_distributed()  # a multi-host run, where the coordinator's environment says so (docs/scaling.md)
     main()
