@@ -37,7 +37,8 @@ PAPER_RATIO = {4: 3.07, 3: 3.31, 2: 3.60}
 
 def sizes(model) -> list[str]:
     fp = fp_bytes(model)
-    rows = ["| bits | float32 remainder | ratio | float16 remainder (--half) | ratio | paper |", "|---|---|---|---|---|---|"]
+    rows = ["| bits | float32 remainder | ratio | float16 remainder (--half) | ratio | paper |",
+            "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as folder:
         for bits in (4, 3, 2):
             rebitted = nest_bounds({p: Bounds(b.lu, bits) for p, b in flat_bounds(model.bounds).items()})
@@ -88,7 +89,8 @@ def parts(bits: int, runs: int) -> list[str]:
             b = b._replace(sums=jnp.sum(b.codes, axis=0, keepdims=True, dtype=jnp.int32))
 
         def integer_whole(x, w):
-            ops = (centred(to_operand(x, lus[0]), dims[0][0]), w if weight else centred(to_operand(w, lus[1]), dims[0][1]))
+            ops = (centred(to_operand(x, lus[0]), dims[0][0]),
+                   w if weight else centred(to_operand(w, lus[1]), dims[0][1]))
             return epilogue(*ops, *integer_terms(*ops, dims))
 
         steps = {
@@ -104,7 +106,8 @@ def parts(bits: int, runs: int) -> list[str]:
             "epilogue": (lambda a, b, p: epilogue(a, b, p, *integer_terms(a, b, dims)[1:]), (a, b, product)),
             "integer whole": (integer_whole, (x, b if weight else w)),
         }
-        ms = {step: 1e3 * time_compiled(jax.jit(fn), *args, runs=runs)["median_s"] for step, (fn, args) in steps.items()}
+        ms = {step: 1e3 * time_compiled(jax.jit(fn), *args, runs=runs)["median_s"]
+              for step, (fn, args) in steps.items()}
         totals[0] += count * ms["fake whole"]
         totals[1] += count * ms["integer whole"]
         rows.append(f"| {name} | " + " | ".join(f"{ms[k]:.3f}" for k in steps) +
@@ -137,7 +140,8 @@ def main() -> None:
     set14 = load_benchmark(resolve_data_root(args.data_root), "Set14", model.config.upscale)[0]
     shapes = {"64x64 LR": (1, 64, 64, 3), f"Set14 {set14.name} ({set14.lr.shape[1]}x{set14.lr.shape[0]} LR)":
               (1, *set14.lr.shape)}
-    print(f"\n{device_name()}\n\n| input | path | compile s | forward median s | min s | peak RSS MiB |\n|---|---|---|---|---|---|")
+    print(f"\n{device_name()}\n\n| input | path | compile s | forward median s | min s | peak RSS MiB |\n"
+          "|---|---|---|---|---|---|")
     for label, shape in shapes.items():
         for path in ("fp", "fake-quant", "integer"):
             out = subprocess.run([sys.executable, __file__, "--model", args.model, "--runs", str(args.runs),

@@ -5,10 +5,10 @@ low-bit file against the run's own DQC Set5 PSNR.
     python benchmarks/compare_integer.py runs/x4_w2 runs/x2_w2 ... --json compare.json [--noise-floor] [--evaluate]
 
 The forwards run side by side in one batch (`integer.ComparedSites`), one image at a time, whole. `--noise-floor`
-adds forwards that tell float chaos from an integer-path error: fake-quant with its matmuls in float64 (numpy,
-rounded to float32 once), fake-quant of the input moved up by one float32 ulp, and the integer forward with two
-other epilogues (grouped as s_w (s_x P + l_x C) + l_w (s_x R + K l_x), and in float64). Prints a Markdown table;
-`--json` keeps every number.
+adds a second batch of free-running forwards that tells float chaos from an integer-path error: fake-quant with
+its matmuls in float64 (numpy, rounded to float32 once), the integer forward on uncentred codes, and fake-quant of
+the input moved up by one float32 ulp. It first prints each product's error on random operands (`product_errors`),
+then Markdown tables; `--json` keeps every number.
 """
 
 from __future__ import annotations
@@ -94,14 +94,13 @@ def float64_epilogue_product(a: Operand, b: Operand, dims) -> jax.Array:
     return jax.pure_callback(host, shape, product, a_sums, b_sums, a.scale, a.offset, b.scale, b.offset)
 
 
-# Forwards side by side, one batch each (the first is the reference the others are teacher forced by): the
-# issue's comparison, and --noise-floor's two (the one-ulp forward is fake-quant's product on a moved input).
+# Forwards side by side, one batch each: the issue's comparison (free running, and the integer forward teacher
+# forced by the fake-quant one), and --noise-floor's (free running; the one-ulp forward is fake-quant's product on
+# a moved input).
 COMPARISON = {"fake-quant": dequantized_product, "integer": integer_dot_general}
-NOISE_FLOOR = (
-    {"fake-quant float64 matmuls": float64_product, "fake-quant": dequantized_product, "integer": integer_dot_general},
-    {"fake-quant": dequantized_product, "fake-quant input +1 ulp": dequantized_product,
-     "integer uncentred": uncentred_product},
-)
+NOISE_FLOOR = {"fake-quant": dequantized_product, "fake-quant float64 matmuls": float64_product,
+               "integer": integer_dot_general, "integer uncentred": uncentred_product,
+               "fake-quant input +1 ulp": dequantized_product}
 MOVED_INPUT = "fake-quant input +1 ulp"
 PRODUCTS = {"fake-quant (float32 matmul)": dequantized_product, "integer": integer_dot_general,
             "integer uncentred": uncentred_product, "integer uncentred, grouped epilogue": grouped_epilogue_product,
@@ -115,7 +114,8 @@ def product_errors(bits: int = 4, rows: int = 500, length: int = 120, out: int =
     a = rng.integers(0, 2**bits, (rows, length)).astype(np.int8)
     b = rng.integers(0, 2**bits, (length, out)).astype(np.int8)
     dims = (((1,), (0,)), ((), ()))
-    lines = ["| x: scale, offset | w: scale, offset | " + " | ".join(PRODUCTS) + " |", "|---|---|" + "---|" * len(PRODUCTS)]
+    lines = ["| x: scale, offset | w: scale, offset | " + " | ".join(PRODUCTS) + " |",
+             "|---|---|" + "---|" * len(PRODUCTS)]
     for sa, la, sb, lb in [(0.037, -0.61, 0.0052, -0.043), (0.02, 0.0, 0.004, -0.03), (0.01, -0.08, 0.003, -0.01),
                            (0.1, -0.7, 0.01, -0.08)]:
         sa, la, sb, lb = (np.float32(t) for t in (sa, la, sb, lb))
@@ -132,27 +132,31 @@ def product_errors(bits: int = 4, rows: int = 500, length: int = 120, out: int =
 # One run
 
 
-def compare_run(run_dir: Path, data_root: Path, noise_floor: bool) -> dict:
+def compare_run(run_dir: Path, data_root: Path, noise_floor: bool, only: list[str] | None = None) -> dict:
     model = load_model(run_dir)
     lowbit = low_bit_file(run_dir)
     integer = load_integer_model(lowbit) if lowbit else IntegerModel.from_model(model)
     bits = sorted({b.bits for b in flat_bounds(model.bounds).values()})
-    result = {"run": str(run_dir), "scale": model.config.upscale, "bits": bits,
+    images = [image for image in load_benchmark(data_root, "Set5", model.config.upscale)
+              if only is None or image.name in only]
+    if not images or (only and len(images) != len(only)):
+        names = ", ".join(image.name for image in load_benchmark(data_root, "Set5", model.config.upscale))
+        sys.exit(f"error: --images {','.join(only)}: Set5's images are {names}")
+    result = {"run": str(run_dir), "scale": model.config.upscale, "bits": bits, "images": [i.name for i in images],
               "low_bit_file": lowbit and lowbit.name, "set5_psnr": {}, "agreement": {}}
-    images = load_benchmark(data_root, "Set5", model.config.upscale)
     start = time.perf_counter()
-    for forwards in (COMPARISON, *(NOISE_FLOOR if noise_floor else ())):
-        psnr, agreement = compare_forwards(model.config, integer.variables, images, forwards)
+    for sites in (COMPARISON, NOISE_FLOOR) if noise_floor else (COMPARISON,):
+        psnr, agreement = compare_forwards(model.config, integer.variables, images, sites, sites is COMPARISON)
         result["set5_psnr"] |= psnr
         result["agreement"] |= agreement
     return result | {"seconds": round(time.perf_counter() - start, 1)}
 
 
-def compare_forwards(config, variables, images, forwards: dict) -> tuple[dict, dict]:
+def compare_forwards(config, variables, images, forwards: dict, teacher_forced: bool) -> tuple[dict, dict]:
     """The `forwards` side by side on each image: Set5 PSNR of each free-running one, and the agreement summary."""
     names = list(forwards)
-    sites = ComparedSites(tuple(forwards.values()))
-    copy_names = names + [f"{name} (teacher forced)" for name in names[1:]]  # `ComparedSites`' order
+    sites = ComparedSites(tuple(forwards.values()), teacher_forced)
+    copy_names = names + [f"{name} (teacher forced)" for name in names[1:] if teacher_forced]  # `ComparedSites`' order
     scale, psnrs, counts = config.upscale, {name: [] for name in names}, {}
     for image in images:
         x = jnp.asarray(image.lr, jnp.float32)[None] / 255.0
@@ -221,7 +225,8 @@ def tables(results: list[dict]) -> list[str]:
         free, forced = r["agreement"]["integer vs fake-quant"], r["agreement"]["integer (teacher forced) vs fake-quant"]
         file = (f"{r['evaluate_model_file_set5_psnr']:.4f} | {r['run_set5_psnr']:.4f} | "
                 f"{r['evaluate_model_file_set5_psnr'] - r['run_set5_psnr']:+.4f}" if "run_set5_psnr" in r else "| |")
-        rows.append(f"| {label} | {fake:.4f} | {integer:.4f} | {integer - fake:+.4f} | {100 * free['all_codes']:.4f}% | "
+        rows.append(f"| {label} | {fake:.4f} | {integer:.4f} | {integer - fake:+.4f} | "
+                    f"{100 * free['all_codes']:.4f}% | "
                     f"{free['worst_site']} | {100 * free['worst']:.3f}% | {forced['worst_site']} | "
                     f"{100 * forced['worst']:.4f}% | {file} |")
         for key, a in r["agreement"].items():
@@ -237,6 +242,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write every number here")
     p.add_argument("--noise-floor", action="store_true", help="add the float64 / one-ulp / other-epilogue forwards")
     p.add_argument("--evaluate", action="store_true", help="also run evaluate.py --model on each run's low-bit file")
+    p.add_argument("--images", help="comma-separated Set5 image names (default: all five)")
     p.add_argument("--data-root")
     args = p.parse_args()
     data_root = resolve_data_root(args.data_root)
@@ -246,7 +252,7 @@ def main() -> None:
     for run_dir in args.runs:
         if not (run_dir / "results.json").is_file():
             sys.exit(f"error: {run_dir}: no results.json (not a finished quantize run)")
-        result = compare_run(run_dir, data_root, args.noise_floor)
+        result = compare_run(run_dir, data_root, args.noise_floor, args.images and args.images.split(","))
         if args.evaluate:
             result |= evaluate_file(run_dir, data_root)
         results.append(result)

@@ -178,8 +178,8 @@ class ComparedSites:
     """Several forwards side by side in one batch, counting where their activation codes agree (a `MatmulSiteFn`
     over `IntegerModel.variables`).
 
-    The input's batch holds `copies` images (`len(products) * 2 - 1`): forward i < n = len(products) multiplies
-    by `products[i]`, free running; forward n + j multiplies by `products[j + 1]`, teacher forced: at each site it
+    The input's batch holds `copies` images: forward i < n = len(products) multiplies by `products[i]`, free
+    running; with `teacher_forced`, forward n + j multiplies by `products[j + 1]`, teacher forced: at each site it
     goes on with forward 0's codes instead of its own. Each quantized matmul sows into "agreement", under its
     activation operands' site names, a (copies, copies) int32 matrix: entry (i, k) counts the codes (before any
     forcing) that forwards i and k agree on, the diagonal each forward's total. Lone sites and matmuls without
@@ -187,10 +187,11 @@ class ComparedSites:
     """
 
     products: tuple[Product, ...]
+    teacher_forced: bool = True
 
     @property
     def copies(self) -> int:
-        return 2 * len(self.products) - 1
+        return 2 * len(self.products) - 1 if self.teacher_forced else len(self.products)
 
     def __call__(self, module: nn.Module, name: str, x: Array) -> Array:
         return quantized_site(module, name, x)
@@ -203,7 +204,7 @@ class ComparedSites:
             raise ValueError("ComparedSites splits the forwards along the first axis of the left operand, an "
                              "activation, and of the product")
         a, b = (self._per_forward(module, name, x) for name, x in (lhs, rhs))
-        products = (*self.products, *self.products[1:])
+        products = (*self.products, *self.products[1:]) if self.teacher_forced else self.products
         return jnp.concatenate([product(a[i], b[i], dims) for i, product in enumerate(products)], axis=0)
 
     def _per_forward(self, module: nn.Module, name: str, x: Array | IntegerWeight) -> list[Operand]:

@@ -19,7 +19,6 @@ from safetensors.numpy import load_file, save_file
 
 import jaxquant
 from jaxquant.checkpoint import Model, load_model, save_model
-from jaxquant.dobi import Calibration, calibrate
 from jaxquant.lowbit import (fp_bytes, kernel_path, load_lowbit, pack_codes, packed_size, save_lowbit, to_lowbit,
                              unpack_codes)
 from jaxquant.quant import QuantRules, fake_quant, flat_bounds, init_bounds, is_weight_site, quantize
@@ -191,11 +190,12 @@ def _set_padding_bits(header, data):
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory) -> Path:
     """A W3A3 file of a SwinIR with 6 channels: its 36-value kernels end inside a byte (SwinIR-light's never do:
-    a b-bit field cannot hold a code out of range, and padding is the only slack a stream has)."""
+    a b-bit field cannot hold a code out of range, and padding is the only slack a stream has). Its bounds are
+    set, not calibrated: only the file's layout matters here."""
     config = SwinIRConfig(upscale=2, embed_dim=6, depths=(2,), num_heads=(1,), window_size=4)
     x = jax.random.uniform(jax.random.PRNGKey(0), (1, 8, 8, 3))
     params = SwinIR(config).init(jax.random.PRNGKey(1), x)["params"]
-    bounds = calibrate(config, Calibration(method="minmax"), params, init_bounds(config, QuantRules.uniform(3)), x)
+    bounds = init_bounds(config, QuantRules.uniform(3), fill=(-0.1, 0.1))
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     save_lowbit(path, Model(config, params, bounds))
     return path
@@ -219,7 +219,8 @@ def _fc1_shape_swapped(packing):
     ("bits edited", r"codes holds \(\d+,\) uint8; the packing metadata needs \(\d+,\) uint8"),
     ("shape edited", r"param layers_0/residual_group/blocks_0/mlp/fc1/kernel has shape \(120, 60\); SwinIR x2 .* "
                      r"needs \(60, 120\)"),
-    ("colsum tampered", r"the colsums of layers_0/residual_group/blocks_0/attn/qkv/k/weight are not the sums of its codes"),
+    ("colsum tampered", r"the colsums of layers_0/residual_group/blocks_0/attn/qkv/k/weight are not the sums of "
+                        r"its codes"),
     ("version unknown", r"format version '3'; this version reads 1 and 2"),
     ("config edited", r"params do not match|param .* has shape|config depths"),
     ("header garbled", r"not a readable safetensors file"),
