@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import ctrl_c_on_call
+from data_parallel_child import tiny_data
 from jaxquant.checkpoint import Model, load_model, save_model
-from jaxquant.data import write_image
 from jaxquant.patches import lr_pool_from_folder, sample_patches
 from jaxquant import runs
 from jaxquant.runs import RunCheckpointer, write_atomically
@@ -33,15 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     """train/: 4 smooth 40x40 colour images; benchmark/Set5/HR: 2 images of 32x32 (LR made on load)."""
-    root = tmp_path_factory.mktemp("data")
-    yy, xx = np.mgrid[0:40, 0:40]
-    for i in range(4):
-        wave = np.sin(xx / (3 + i) + yy / 5)[..., None] * np.array([1.0, 0.5, -0.7])
-        write_image(root / "train" / f"{i}.png", np.clip(127 + 100 * wave, 0, 255).astype(np.uint8))
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        write_image(root / "benchmark" / "Set5" / "HR" / f"{i}.png", rng.integers(0, 256, (32, 32, 3), np.uint8))
-    return root
+    return tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def tiny_config(tiny_root: Path, **overrides) -> TrainConfig:
