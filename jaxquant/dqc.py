@@ -25,7 +25,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxquant.cpu_memory import cpu_scratch_kept
-from jaxquant.quant import quantized_site
+from jaxquant.quant import flat_bounds, is_weight_site, nest_bounds, quantized_site
 from jaxquant import models
 from jaxquant.models import ModelConfig
 
@@ -49,6 +49,10 @@ class DQCConfig:
     batch: int = 16  # LR patches a step
     patch: int = 64  # their side, in LR pixels
     lr: float = 1e-2
+    # Learning rate of the weight sites' bounds; None: `lr`, as the official code. Adam moves every bound by about
+    # the lr a step whatever its gradient's size, so small weight ranges (NGswin's N-gram attention: 0.4-2.0)
+    # cross at the official 0.01 (docs/ngswin.md).
+    weight_lr: float | None = None
     b1: float = 0.9
     b2: float = 0.99
     eps: float = 1e-8
@@ -65,6 +69,8 @@ class DQCConfig:
         for name in ("steps", "batch", "patch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DQC {name} must be at least 1, got {getattr(self, name)}")
+        if self.weight_lr is not None and not self.weight_lr > 0:
+            raise ValueError(f"DQC weight_lr must be > 0 (or unset: lr), got {self.weight_lr}")
         if not (self.lr > 0 and self.eps > 0 and self.feature_weight >= 0 and 0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"DQC needs lr > 0, eps > 0, feature_weight >= 0 and betas in [0, 1), got lr {self.lr}, "
                              f"eps {self.eps}, feature_weight {self.feature_weight}, betas ({self.b1}, {self.b2})")
@@ -92,6 +98,14 @@ class DQCConfig:
     def optimizer(self) -> optax.GradientTransformation:
         lr = optax.cosine_decay_schedule(self.lr, self.steps) if self.cosine else self.lr
         return optax.adam(lr, b1=self.b1, b2=self.b2, eps=self.eps)
+
+
+def _update_scale(bounds, dqc: DQCConfig) -> Array | None:
+    """The factor of each raveled bound's Adam update: weight_lr / lr on weight sites, 1 elsewhere (None: all 1)."""
+    if dqc.weight_lr is None:
+        return None
+    factor = lambda path, b: jnp.full_like(b.lu, dqc.weight_lr / dqc.lr if is_weight_site(path) else 1.0)
+    return ravel_pytree(nest_bounds({p: factor(p, b) for p, b in flat_bounds(bounds).items()}))[0]
 
 
 def _per_sample_norm(f: Array) -> Array:
@@ -178,6 +192,8 @@ def dqc_step(config: ModelConfig, dqc: DQCConfig, state: DQCState, params, image
     (loss, terms), grads = jax.value_and_grad(loss_of_flat, has_aux=True)(flat)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats with int32 step counts
         updates, opt_state = dqc.optimizer().update(grads, state.opt_state, flat)
+    scale = _update_scale(state.bounds, dqc)
+    updates = updates if scale is None else updates * scale
     bounds = unravel(optax.apply_updates(flat, updates))
     return DQCState(bounds, opt_state, state.step + 1), {"loss": loss, **terms}
 

@@ -42,7 +42,7 @@ from jaxquant.evaluation import (DEFAULT_OVERLAP, Tiling, compile_concurrently, 
 from jaxquant.lowbit import fp_bytes, save_lowbit
 from jaxquant.patches import PatchPool, lr_pool_from_folder, make_pool, sample_patches
 from jaxquant.quant import (BIT_WIDTHS, QuantRules, bounds_from_official, bounds_to_official, flat_bounds, init_bounds,
-                            list_sites, official_name, validate_bounds)
+                            is_weight_site, list_sites, official_name, validate_bounds)
 from jaxquant import models, parallel
 from jaxquant.models import ModelConfig
 from jaxquant.runs import (RunCheckpointer, check_run_dir, claim_run_dir, progress, read_json, read_json_object,
@@ -58,8 +58,9 @@ PRESETS = {
 VALIDATE_EVERY = {"paper": 100, "quick": 40}
 # Where a model's preset differs from SwinIR-light's. NGswin's DQC step costs several of SwinIR-light's on a CPU
 # (20 blocks of two attentions each), so its `quick` takes fewer steps to stay within 15 minutes; its blocks run
-# scanned, a third less CPU time a step than unrolled for the same compile time (benchmarks/README.md).
-MODEL_PRESETS = {"ngswin": {"quick": DQCConfig(steps=120, batch=4, patch=32, scan=True)}}
+# scanned, a third less CPU time a step than unrolled for the same compile time (benchmarks/README.md). Its weight
+# bounds train at 0.003: at 0.01 the N-gram attention's small weight ranges crossed (docs/ngswin.md).
+MODEL_PRESETS = {"ngswin": {"quick": DQCConfig(steps=120, batch=4, patch=32, scan=True, weight_lr=3e-3)}}
 CONFIG_FILE = "run_config.json"
 RUN_KIND = "quantize run"
 CALIB_PATCHES = {"paper": (32, 64), "quick": (8, 64)}  # (count, size) sampled from a calibration folder
@@ -451,8 +452,9 @@ def run_dqc(
             raise KeyboardInterrupt(f"DQC checkpointed at step {int(result.state.step)}")
     kept = result.kept
     if "crossed" in kept:
+        lower = "--weight-lr" if is_weight_site(kept["crossed"]) else "--lr"
         warnings.warn(f"DQC crossed the bounds of {kept['crossed']} (upper below lower) at every validation; step "
-                      f"{kept['step']} is kept, a constant quantizer there (try a lower --lr)")
+                      f"{kept['step']} is kept, a constant quantizer there (try a lower {lower})")
     log = {"completed": stop == dqc.steps, "best_step": kept.get("step", 0), "best_set5_psnr": kept.get("psnr"),
            "validation": _set5_log(result.history),
            "selection": "highest Set5 PSNR among the validation steps with no crossed bounds (among all where each "
@@ -501,7 +503,8 @@ def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, sec
                 for h in dqc_log["validation"]]
         parts += [
             f"DQC: {dqc.steps} steps, {dqc.loss} loss, batch {dqc.batch} of {dqc.patch}x{dqc.patch} LR patches, "
-            f"lr {dqc.lr:g}{' (cosine)' if dqc.cosine else ''}; the bounds of step {kept} are kept, the best Set5 "
+            f"lr {dqc.lr:g}{'' if dqc.weight_lr is None else f' ({dqc.weight_lr:g} for the weight bounds)'}"
+            f"{' (cosine)' if dqc.cosine else ''}; the bounds of step {kept} are kept, the best Set5 "
             "PSNR among the validations.",
             "\n".join(["| DQC step | loss | Set5 PSNR |", "|---|---|---|", *rows]),
         ]

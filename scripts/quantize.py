@@ -29,7 +29,7 @@ from jaxquant.runs import interrupted_run
 
 
 # Flags that make others meaningless; giving both is an error rather than a silently ignored setting.
-DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--b2", "--cosine", "--loss", "--feature-weight", "--train-dir",
+DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--weight-lr", "--b2", "--cosine", "--loss", "--feature-weight", "--train-dir",
              "--remat", "--no-remat", "--scan", "--no-scan"}
 CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "--calib-patches", "--compare"}
 IGNORED_WITH = {
@@ -74,6 +74,8 @@ def parse_args():
     p.add_argument("--steps", type=int, help="DQC steps (overrides the preset, as do the next four)")
     p.add_argument("--batch", type=int, help="DQC patches per step, over all devices")
     p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--weight-lr", type=float, help="learning rate of the weight sites' bounds (default: --lr, as "
+                   "the official code; the ngswin preset lowers it)")
     p.add_argument("--b2", type=float, help="Adam beta2 (the official code: 0.99, the paper: 0.999)")
     p.add_argument("--cosine", action="store_true", default=None,
                    help="cosine-decay the learning rate to 0 (the paper; the official code keeps it constant)")
@@ -114,7 +116,7 @@ def config_from_args(args, data_root: Path) -> tuple[QuantizeConfig, str | None]
     preset = None if args.no_dqc else (args.preset or default_preset())
     dqc = None
     if preset:
-        overridable = ("steps", "batch", "lr", "b2", "cosine", "remat", "scan")
+        overridable = ("steps", "batch", "lr", "weight_lr", "b2", "cosine", "remat", "scan")
         overrides = {k: getattr(args, k) for k in overridable if getattr(args, k) is not None}
         dqc = dataclasses.replace(preset_of(preset, architecture_of(args.model)), loss=args.loss,
                                   feature_weight=args.feature_weight, **overrides)

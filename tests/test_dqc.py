@@ -8,7 +8,9 @@ import pytest
 import jaxquant.dqc as dqc_module
 from conftest import nhwc
 from jaxquant.dqc import DQCConfig, distillation_loss, dqc_step, init_state, official_loss, paper_loss
-from jaxquant.quant import QuantRules, bounds_from_official, bounds_to_official, init_bounds, quantized_site
+from jaxquant.quant import (
+    QuantRules, bounds_from_official, bounds_to_official, flat_bounds, init_bounds, quantized_site,
+)
 from jaxquant.swinir import SwinIR, SwinIRConfig
 
 
@@ -137,21 +139,30 @@ def test_official_bounds_are_no_closer_to_float64_than_ours(scale, bits, t291_mo
         f"x{scale} W{bits}: ours within 1e-4 of float64 on {agree(ours):.1%}, official on {agree(official):.1%}")
 
 
-@pytest.mark.parametrize("remat, scan", [(True, True), (True, False), (False, True)])
-def test_block_execution_changes_no_gradient(remat, scan):
-    """Bounds and params gradients (DQC and FP training) are those of the plain unrolled blocks with stored
-    activations, with the blocks recomputed, scanned, or both. Three blocks: a scanned pair and one unrolled."""
-    config = SwinIRConfig(upscale=2, embed_dim=12, depths=(3,), num_heads=(2,), window_size=4)
+BLOCKS = SwinIRConfig(upscale=2, embed_dim=12, depths=(3,), num_heads=(2,), window_size=4)  # a scanned pair, one unrolled
+
+
+def _block_gradients(remat: bool, scan: bool) -> np.ndarray:
+    """Bounds and params gradients of the official DQC loss on BLOCKS, run as `remat` and `scan` say."""
     images = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 3))
-    params = SwinIR(config).init(jax.random.PRNGKey(1), images)["params"]
-    bounds = init_bounds(config, QuantRules.uniform(2), fill=(-0.5, 0.5))
+    params = SwinIR(BLOCKS).init(jax.random.PRNGKey(1), images)["params"]
+    bounds = init_bounds(BLOCKS, QuantRules.uniform(2), fill=(-0.5, 0.5))
+    loss = lambda b, p: distillation_loss(b, p, images, BLOCKS, DQCConfig(remat=remat, scan=scan))[0]
+    return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss, (0, 1)))(bounds, params))])
 
-    def grads(remat, scan):
-        loss = lambda b, p: distillation_loss(b, p, images, config, DQCConfig(remat=remat, scan=scan))[0]
-        return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss, (0, 1)))(bounds, params))])
 
-    plain, other = grads(False, False), grads(remat, scan)
+@pytest.fixture(scope="module")
+def plain_block_gradients() -> np.ndarray:
+    return _block_gradients(remat=False, scan=False)
+
+
+@pytest.mark.parametrize("remat, scan", [(True, True), (True, False), (False, True)])
+def test_block_execution_changes_no_gradient(remat, scan, plain_block_gradients):
+    """Bounds and params gradients (DQC and FP training) are those of the plain unrolled blocks with stored
+    activations, with the blocks recomputed, scanned, or both."""
+    plain = plain_block_gradients
     assert np.count_nonzero(plain) > plain.size // 2
+    other = _block_gradients(remat, scan)
     np.testing.assert_allclose(other, plain, rtol=1e-5, atol=1e-6 * np.abs(plain).max())
 
 
@@ -269,6 +280,22 @@ def test_a_step_leaves_what_it_was_given_valid(tiny_dqc):
         assert all(not leaf.is_deleted() for leaf in jax.tree.leaves(tree))
     np.testing.assert_array_equal(ravel(again.bounds), ravel(new.bounds))
     assert np.abs(ravel(new.bounds) - ravel(bounds)).max() > 0
+
+
+def test_weight_lr_scales_only_the_weight_bounds_updates(tiny_dqc):
+    """From the same state, a step with weight_lr = lr / 10 moves each weight site's bounds a tenth as far as a
+    step at lr, and every activation site's exactly as far (Adam's update is elementwise)."""
+    params, bounds, images = tiny_dqc
+    moved = {}
+    for weight_lr in (None, 1e-3):
+        dqc = DQCConfig(batch=4, patch=32, weight_lr=weight_lr)
+        new, _ = dqc_step(TINY, dqc, init_state(bounds, dqc), params, images)
+        moved[weight_lr] = {p: np.asarray(b.lu) - np.asarray(flat_bounds(bounds)[p].lu)
+                            for p, b in flat_bounds(new.bounds).items()}
+    for path, full in moved[None].items():
+        expected = full / 10 if path.endswith("/weight") else full
+        np.testing.assert_allclose(moved[1e-3][path], expected, rtol=1e-4, atol=1e-9, err_msg=path)
+    assert any(path.endswith("/weight") and np.abs(full).min() > 1e-3 for path, full in moved[None].items())
 
 
 def ravel(tree):
