@@ -3,7 +3,9 @@
 import itertools
 import json
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,6 +24,21 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Parity with the golden float32 arrays: a GPU's default matmuls are TF32 (~3e-4 relative, spec section 8).
 # On a CPU this changes nothing (a DQC step and a forward are bitwise equal with and without it).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One compilation cache for the session's processes: the pytest workers and the scripts they run compile the same
+# programs (a Set5 forward, a DQC step) many times over. It starts empty in each session, so no test sees a
+# program compiled by other code than its own. Made by the first process (the xdist controller, or the only one),
+# inherited through the environment by the rest, removed by its maker.
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+if CACHE_ENV not in os.environ:
+    os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="jaxquant-test-compilations-")
+    os.environ["JAXQUANT_TEST_CACHE_OWNER"] = str(os.getpid())
+jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("JAXQUANT_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ[CACHE_ENV], ignore_errors=True)
 
 DATA_ROOT = default_data_root()
 GOLDEN_DIR = DATA_ROOT.parent / "golden"
