@@ -29,8 +29,8 @@ from jaxquant.runs import interrupted_run
 
 
 # Flags that make others meaningless; giving both is an error rather than a silently ignored setting.
-DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--weight-lr", "--b2", "--cosine", "--loss", "--feature-weight", "--train-dir",
-             "--remat", "--no-remat", "--scan", "--no-scan"}
+DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--weight-lr", "--b2", "--cosine", "--loss", "--feature-weight",
+             "--train-dir", "--remat", "--no-remat", "--scan", "--no-scan"}
 CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "--calib-patches", "--compare"}
 IGNORED_WITH = {
     "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
@@ -71,7 +71,7 @@ def parse_args():
     p.add_argument("--calib-patches", type=int, help="patches sampled from a calibration folder (default: by preset)")
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"DQC settings (default: by backend, now {default_preset()})")
     p.add_argument("--no-dqc", action="store_true", help="stop after the bound initialisation")
-    p.add_argument("--steps", type=int, help="DQC steps (overrides the preset, as do the next four)")
+    p.add_argument("--steps", type=int, help="DQC steps (overrides the preset, as do the next five)")
     p.add_argument("--batch", type=int, help="DQC patches per step, over all devices")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--weight-lr", type=float, help="learning rate of the weight sites' bounds (default: --lr, as "
