@@ -26,9 +26,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # One compilation cache for the session's processes: the pytest workers and the scripts they run compile the same
-# programs (a Set5 forward, a DQC step) many times over. It starts empty in each session, so no test sees a
-# program compiled by other code than its own. Made by the first process (the xdist controller, or the only one),
-# inherited through the environment by the rest, removed by its maker.
+# programs (a Set5 forward, a DQC step) many times over; entries are keyed by the program, so a hit is the same
+# compiled code. Unless the environment already names a cache, a fresh one is made by the first process (the xdist
+# controller, or the only one), inherited through the environment by the rest, and removed by its maker.
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 if CACHE_ENV not in os.environ:
     os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="jaxquant-test-compilations-")
