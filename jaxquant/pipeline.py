@@ -177,6 +177,11 @@ class QuantizeConfig:
             export_bounds=absolute(self.export_bounds),
         )
 
+    def evaluated_on(self, datasets: Sequence[str]) -> "QuantizeConfig":
+        """This config with `datasets` added to its benchmarks: resumed with it, a finished run evaluates only
+        the benchmarks it lacks (`quantize_run`)."""
+        return dataclasses.replace(self, datasets=tuple(dict.fromkeys((*self.datasets, *datasets))))
+
     @classmethod
     def load(cls, run_dir: str | Path) -> "QuantizeConfig":
         """The config a run directory was started with."""
@@ -508,8 +513,14 @@ def _results_markdown(run: QuantizeConfig, table: str, dqc_log: dict | None, sec
             "PSNR among the validations.",
             "\n".join(["| DQC step | loss | Set5 PSNR |", "|---|---|---|", *rows]),
         ]
-    parts.append(f"Time in this process on {device}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".")
+    parts.append(f"Time on {device}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".")
     return "\n\n".join(parts) + "\n"
+
+
+def _finished(run_dir: Path) -> dict:
+    """What a finished run in `run_dir` recorded (results.json); {} for an unfinished one."""
+    path = run_dir / "results.json"
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _bounds_file(run_dir: Path, init: str) -> Path:
@@ -583,8 +594,9 @@ def quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: bo
 
     A new run needs a run directory that holds no run. `resume` continues the run in `run_dir`, which must
     have been started with the same `run`: the calibrated bounds are read back and DQC goes on from its last
-    checkpoint, ending with the bounds of an uninterrupted run. `data_root` fills in the paths `run` leaves
-    unset (`QuantizeConfig.with_paths`).
+    checkpoint, ending with the bounds of an uninterrupted run. A finished run resumed with more `datasets`
+    (`QuantizeConfig.evaluated_on`) evaluates every stage on those alone and keeps its other results. `data_root`
+    fills in the paths `run` leaves unset (`QuantizeConfig.with_paths`).
 
     Every input loads before the run directory is claimed: a run recorded with a bad input could neither be
     resumed nor started again there. Matmuls run at `run.matmul_precision` throughout.
@@ -603,25 +615,29 @@ def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: b
     if run.dqc:
         parallel.check_batch(run.dqc.batch, mesh)
     _check_paths(run, run_dir, resume)
+    finished = _finished(run_dir) if resume else {}
+    evaluated = finished.get("results", {})  # {stage: {dataset: score}}
     model = load_model(run.model)._replace(bounds=None)  # the FP weights, whatever the source
     if model.config.upscale != run.scale:
         raise ValueError(f"{run.model} is a x{model.config.upscale} model, but --scale is {run.scale}")
     imported = read_bounds_json(Path(run.import_bounds), model.config, run.bits) if run.import_bounds else None
-    benchmarks = load_benchmarks(run.data_root, run.datasets, run.scale)  # a bad image fails now, not after DQC
+    unevaluated = [d for d in run.datasets if not evaluated or any(d not in got for got in evaluated.values())]
+    benchmarks = load_benchmarks(run.data_root, unevaluated, run.scale)  # a bad image fails now, not after DQC
     todo = [] if imported is not None else _uncalibrated(run, run_dir, resume)
     images = load_calibration(Path(run.calib), run.calib_patches, run.calib_size, run.seed) if todo else None
     if images is not None:
         parallel.check_batch(len(images), mesh, "the calibration batch (--calib-patches)")
         images = parallel.shard_batch(images[slice(*parallel.process_rows(len(images)))], len(images), mesh)
     pool = dqc_pool(run) if run.dqc else None
-    claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND)
+    claim_run_dir(run_dir, CONFIG_FILE, run.to_dict(), resume, RUN_KIND, growable={"datasets"})
 
     # Placed once as every jitted call gets them, so that the programs compiled ahead are the ones called.
     model = model._replace(params=parallel.replicate(model.params, mesh))
     start = parallel.replicate(init_bounds(model.config, QuantRules.uniform(run.bits)), mesh)
     seconds = {}  # wall time of each phase in this process, compilation included
     with ThreadPoolExecutor(max_workers=1) as background:
-        compilations = _compilations(model, start, run, benchmarks, mesh)
+        compilations = _compilations(model, start, run if not evaluated else dataclasses.replace(run, dqc=None),
+                                     benchmarks, mesh)  # a finished run's DQC has nothing left to compile
         ahead = background.submit(with_matmul_precision_here(_timed), compile_concurrently, compilations)
         clock = time.perf_counter()
         stages = ({"imported": imported} if imported is not None
@@ -640,8 +656,14 @@ def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: b
 
     score = functools.partial(evaluate, benchmarks=benchmarks, tiling=run.tiling, devices=mesh.local_devices)
     rows = {"FP": score(model)} | {name: score(model._replace(bounds=bounds)) for name, bounds in stages.items()}
+    rows = {name: evaluated.get(name, {}) | scores for name, scores in rows.items()}
     table = results_table(rows, run.datasets)
-    seconds["evaluation"] = time.perf_counter() - clock
+    if not evaluated:
+        seconds["evaluation"] = time.perf_counter() - clock
+    elif unevaluated:  # the finished run's phases, and this evaluation
+        seconds = finished["seconds"] | {f"evaluation of {', '.join(unevaluated)}": time.perf_counter() - clock}
+    else:
+        seconds = finished["seconds"]
 
     save_model(run_dir / "model", model._replace(bounds=final), overwrite=resume)  # a resume may have saved it
     if run.export_bounds:
@@ -666,10 +688,11 @@ def _quantize_run(run: QuantizeConfig, run_dir: Path, data_root: Path, resume: b
     lowbit_file = run_dir / f"model_w{run.bits}a{run.bits}.safetensors"
     size = {"file": lowbit_file.name, "bytes": save_lowbit(lowbit_file, model._replace(bounds=final)),
             "fp_float32_bytes": fp_bytes(model)}
-    comparison_grid(
-        {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
-        benchmarks[run.datasets[0]][:3], run_dir / "comparison.png",
-    )
+    if run.datasets[0] in benchmarks:  # else drawn before, by the run resumed
+        comparison_grid(
+            {name: model._replace(bounds=b) for name, b in [("FP", None), *stages.items()]},
+            benchmarks[run.datasets[0]][:3], run_dir / "comparison.png",
+        )
     results["lowbit"] = size
     write_results(run_dir, results, _results_markdown(run, table, dqc_log, seconds,
                                                       f"{results['device']} ({results['devices']})", size))

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -85,23 +85,29 @@ def check_run_dir(run_dir: Path, config_file: str, resume: bool, kind: str) -> N
         check_output_path(run_dir, folder=True)
 
 
-def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, kind: str) -> None:
+def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, kind: str,
+                  growable: Collection[str] = ()) -> None:
     """Record `config` (a JSON dict) in a new run dir, or check that a resumed run dir was started with it.
 
     A run dir belongs to one run: its checkpoints hold that run's state, which a run with other settings must
     not silently continue (it would keep the old seed, optimizer state and validation history). A setting the
-    saved config lacks is newer than the run, which resumes with its current value."""
+    saved config lacks is newer than the run, which resumes with its current value. The lists named in
+    `growable` (work added after the run, such as more benchmarks to evaluate) may gain items on a resume, which
+    records them."""
     if not parallel.is_main_process():
         return
     check_run_dir(run_dir, config_file, resume, kind)
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir / config_file, json.dumps(config, indent=2) + "\n")
-        return
-    saved, current = read_run_json(run_dir, config_file, kind), json.loads(json.dumps(config))
-    changed = sorted(k for k in saved if saved[k] != current.get(k))
-    if changed:
-        raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
+    current = json.loads(json.dumps(config))
+    if resume:
+        saved = read_run_json(run_dir, config_file, kind)
+        changed = sorted(k for k in saved if saved[k] != current.get(k)
+                         and not (k in growable and set(saved[k]) <= set(current.get(k) or ())))
+        if changed:
+            raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
+        if saved == current:
+            return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(run_dir / config_file, json.dumps(current, indent=2) + "\n")
 
 
 def interrupted_run(stopped: KeyboardInterrupt, run_dir: Path, config_file: str, script: str) -> str:

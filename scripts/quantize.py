@@ -4,6 +4,7 @@ evaluate.
     python scripts/quantize.py --bits 2                   # x4 t291 model, DOBI + DQC, Set5, runs/x4_w2a2
     python scripts/quantize.py --bits 4 --scale 2 --no-dqc --method minmax
     python scripts/quantize.py --resume runs/x4_w2a2      # continue a killed run where it stopped
+    python scripts/quantize.py --resume runs/x4_w2a2 --datasets B100   # a finished run evaluated on B100 too
     python scripts/quantize.py --model ../shared/data/weights/ngswin_x2.pth --scale 2 --bits 2   # NGswin (docs/ngswin.md)
     python scripts/quantize.py --bits 2 --preset paper --loss paper --b2 0.999 --cosine --steps 3000 --batch 32
                                                           # the paper's DQC settings (the preset: the official code's)
@@ -33,9 +34,9 @@ DQC_FLAGS = {"--preset", "--steps", "--batch", "--lr", "--weight-lr", "--b2", "-
              "--train-dir", "--remat", "--no-remat", "--scan", "--no-scan"}
 CALIBRATION_FLAGS = {"--method", "--dobi-strategy", "--percentile", "--calib", "--calib-patches", "--compare"}
 IGNORED_WITH = {
-    "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--datasets",
-                                                  "--import-bounds", "--export-bounds", "--run-dir", "--seed",
-                                                  "--tile", "--tile-overlap", "--matmul-precision", "--devices"},
+    "--resume": DQC_FLAGS | CALIBRATION_FLAGS | {"--no-dqc", "--bits", "--scale", "--model", "--import-bounds",
+                                                  "--export-bounds", "--run-dir", "--seed", "--tile", "--tile-overlap",
+                                                  "--matmul-precision", "--devices"},
     "--no-dqc": DQC_FLAGS,
     "--import-bounds": CALIBRATION_FLAGS,
 }
@@ -87,8 +88,8 @@ def parse_args():
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, help="run the Swin blocks as a lax.scan "
                    "(default: by backend)")
     p.add_argument("--train-dir", help="HR images for DQC patches (default: <data root>/train/t291)")
-    p.add_argument("--datasets", default="Set5", help="comma-separated benchmarks to evaluate, or all (every one in "
-                   "the data root)")
+    p.add_argument("--datasets", help="comma-separated benchmarks to evaluate, or all (every one in the data root; "
+                   "default: Set5); with --resume, added to the run's: a finished run evaluates those it lacks alone")
     add_tiling_flags(p)
     p.add_argument("--compare", default="minmax", help="other initialisations to evaluate: comma-separated of "
                    f"{', '.join(INITS)} (default: minmax)")
@@ -126,8 +127,8 @@ def config_from_args(args, data_root: Path) -> tuple[QuantizeConfig, str | None]
         bits=args.bits, scale=args.scale, model=args.model, method=args.method, strategy=args.dobi_strategy,
         percentile=args.percentile, calib=args.calib, calib_patches=count if args.calib_patches is None else args.calib_patches,
         calib_size=size, dqc=dqc, train_dir=args.train_dir, validate_every=every, checkpoint_every=every,
-        datasets=tuple(benchmark_names(args.datasets, data_root)), tile=args.tile, tile_overlap=args.tile_overlap,
-        import_bounds=args.import_bounds,
+        datasets=tuple(benchmark_names(args.datasets or "Set5", data_root)), tile=args.tile,
+        tile_overlap=args.tile_overlap, import_bounds=args.import_bounds,
         compare=tuple(c for c in args.compare.split(",") if c), export_bounds=args.export_bounds, seed=args.seed,
         matmul_precision=args.matmul_precision, devices=args.devices,
     ), preset
@@ -139,6 +140,8 @@ def main():
     root = resolve_data_root(args.data_root)
     if args.resume:
         run_dir, run = args.resume, QuantizeConfig.load(args.resume)
+        if args.datasets:
+            run = run.evaluated_on(benchmark_names(args.datasets, Path(run.data_root or root)))
         print(f"resuming {run_dir}")
     else:
         run, preset = config_from_args(args, root)

@@ -181,6 +181,8 @@ def test_a_run_dir_holds_one_run(tmp_path, data_root):
         quantize_run(run, tmp_path / "run", data_root)
     with pytest.raises(ValueError, match=r"\(bits, seed differ\)"):
         quantize_run(dataclasses.replace(run, bits=4, seed=1), tmp_path / "run", data_root, resume=True)
+    with pytest.raises(ValueError, match=r"\(datasets differ\)"):  # a resume may add benchmarks, not drop them
+        quantize_run(dataclasses.replace(run, datasets=("Set14",)), tmp_path / "run", data_root, resume=True)
     with pytest.raises(FileNotFoundError, match="not a quantize run"):
         quantize_run(run, tmp_path / "none", data_root, resume=True)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run_config.json"]
@@ -274,9 +276,15 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     calib.mkdir()
     for path in list_images(require(DATA_ROOT / "calib"))[:2]:
         (calib / path.name).symlink_to(path)
+    root = tmp_path / "root"  # the data root's weights and Set5, and a benchmark to add to the run later
+    (root / "benchmark").mkdir(parents=True)
+    (root / "weights").symlink_to(DATA_ROOT / "weights")
+    (root / "benchmark" / "Set5").symlink_to(DATA_ROOT / "benchmark" / "Set5")
+    write_image(root / "benchmark" / "Tiny" / "HR" / "a.png",
+                np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8))
     args = ["scripts/quantize.py", "--bits", "4", "--scale", "4", "--preset", "quick", "--steps", "2", "--batch", "2",
-            "--b2", "0.999", "--cosine", "--remat", "--calib", str(calib), "--calib-patches", "2",
-            "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir), "--export-bounds", str(exported)]
+            "--b2", "0.999", "--cosine", "--remat", "--calib", str(calib), "--calib-patches", "2", "--data-root",
+            str(root), "--train-dir", str(tiny_train_dir), "--run-dir", str(run_dir), "--export-bounds", str(exported)]
     result = run_script(*args, env={"JAX_LOG_COMPILES": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     # The forwards (FP and fake-quant at Set5's five LR shapes) and the step, compiled ahead beside the
@@ -315,8 +323,8 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     assert f"{results['results']['DQC']['Set5']['psnr']:.3f}" in evaluated.stdout
 
     # The run directory belongs to this run: a new run (even with the same flags) is refused and changes
-    # nothing; --resume takes no settings; a resume reads the calibrated bounds back instead of calibrating:
-    # the calibration images are gone, so calibrating would fail.
+    # nothing; --resume takes no settings but more datasets; a resume reads the calibrated bounds back instead
+    # of calibrating: the calibration images are gone, so calibrating would fail.
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert_one_line_error(run_script(*args), "already holds a quantize run; resume it or pick another run dir")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
@@ -325,9 +333,22 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     for path in calib.iterdir():
         path.unlink()
     calib.rmdir()
-    resumed = run_script("scripts/quantize.py", "--resume", str(run_dir))
+    resumed = run_script("scripts/quantize.py", "--resume", str(run_dir), "--datasets", "Tiny",
+                         env={"JAX_LOG_COMPILES": "1"})
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads((run_dir / "results.json").read_text())["results"] == results["results"]
+    # The finished run evaluates each stage on Tiny alone (the FP and fake-quant forwards at its one shape) and
+    # keeps the rest: its Set5 scores, its picture of Set5, its time.
+    compiled = Counter(re.findall(r"Compiling jit\((_forward|dqc_step)\) with global shapes", resumed.stderr))
+    assert compiled == {"_forward": 2}
+    extended = json.loads((run_dir / "results.json").read_text())
+    assert {stage: scores.keys() - {"Tiny"} for stage, scores in extended["results"].items()} == {
+        stage: {"Set5"} for stage in results["results"]}
+    assert all(extended["results"][stage]["Set5"] == scores["Set5"] for stage, scores in results["results"].items())
+    recorded = json.loads((run_dir / "run_config.json").read_text())
+    assert extended["config"]["datasets"] == recorded["datasets"] == ["Set5", "Tiny"]
+    assert extended["seconds"].keys() == results["seconds"].keys() | {"evaluation of Tiny"}
+    assert (run_dir / "comparison.png").read_bytes() == before[run_dir / "comparison.png"]
+    assert "| Set5 | Tiny |" in (run_dir / "results.md").read_text()
     assert len(json.loads((run_dir / "calibration" / "DOBI-official.json").read_text())["quantizers"]) == 384
 
 
