@@ -91,16 +91,16 @@ def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, k
 
     A run dir belongs to one run: its checkpoints hold that run's state, which a run with other settings must
     not silently continue (it would keep the old seed, optimizer state and validation history). A setting the
-    saved config lacks is newer than the run, which resumes with its current value. The lists named in
-    `growable` (work added after the run, such as more benchmarks to evaluate) may gain items on a resume, which
-    records them."""
+    saved config lacks (at any depth) is newer than the run, which resumes with its current value. The lists
+    named in `growable` (work added after the run, such as more benchmarks to evaluate) may gain items on a
+    resume. A resume records what it changed."""
     if not parallel.is_main_process():
         return
     check_run_dir(run_dir, config_file, resume, kind)
     current = json.loads(json.dumps(config))
     if resume:
         saved = read_run_json(run_dir, config_file, kind)
-        changed = sorted(k for k in saved if saved[k] != current.get(k)
+        changed = sorted(k for k in saved if _changes(saved[k], current.get(k))
                          and not (k in growable and set(saved[k]) <= set(current.get(k) or ())))
         if changed:
             raise ValueError(f"{run_dir} was started with a different config ({', '.join(changed)} differ)")
@@ -108,6 +108,14 @@ def claim_run_dir(run_dir: Path, config_file: str, config: dict, resume: bool, k
             return
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(run_dir / config_file, json.dumps(current, indent=2) + "\n")
+
+
+def _changes(saved: Any, current: Any) -> bool:
+    """Whether `current` changes a setting that `saved` records; in nested settings (DQC's), one that `saved` lacks
+    is newer than it and does not count."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return any(_changes(value, current.get(key)) for key, value in saved.items())
+    return saved != current
 
 
 def interrupted_run(stopped: KeyboardInterrupt, run_dir: Path, config_file: str, script: str) -> str:

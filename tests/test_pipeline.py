@@ -262,6 +262,24 @@ def test_a_resume_reads_the_benchmarks_it_started_with(tmp_path, data_root, monk
             quantize_run(QuantizeConfig.load(run_dir), run_dir, given, resume=True)
 
 
+def test_a_resume_takes_settings_newer_than_its_run(tmp_path, data_root, tiny_train_dir, monkeypatch):
+    """A setting the saved config lacks, at any depth (DQC's weight_lr came after runs that a resume must still
+    continue), takes its default; a nested setting that differs is refused."""
+    run = QuantizeConfig(bits=4, method="minmax", compare=(), dqc=DQCConfig(steps=2, batch=2, patch=16),
+                         calib=_calib_npy(tmp_path / "calib.npy"), train_dir=str(tiny_train_dir)).with_paths(data_root)
+    saved = run.to_dict()
+    del saved["dqc"]["weight_lr"]
+    run_dir = tmp_path / "run"
+    _write(run_dir / "run_config.json", saved)
+    monkeypatch.setattr(pipeline, "init_bounds", _stop)  # called first once the run dir is claimed
+    with pytest.raises(_Stop):
+        quantize_run(QuantizeConfig.load(run_dir), run_dir, data_root, resume=True)
+    assert json.loads((run_dir / "run_config.json").read_text())["dqc"]["weight_lr"] is None  # recorded now
+    with pytest.raises(ValueError, match=r"\(dqc differ\)"):
+        quantize_run(dataclasses.replace(run, dqc=dataclasses.replace(run.dqc, steps=3)), run_dir, data_root,
+                     resume=True)
+
+
 def test_a_damaged_validation_log_is_named(tmp_path, t291_model, tiny_train_dir, data_root):
     start, run, pool = _tiny_dqc(tiny_train_dir)
     (tmp_path / "validation.json").write_text("[\n")  # as a kill during its write once left it
