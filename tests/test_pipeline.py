@@ -115,18 +115,23 @@ def test_unreadable_calibration_files_are_named(tmp_path):
             load_calibration(tmp_path / name, 32, 64, 0)
 
 
-def _tiny_dqc(tiny_train_dir) -> tuple[dict, QuantizeConfig, PatchPool]:
-    """Start bounds, a 4-step x4 W2 DQC run (batch 2, 16x16) validated and checkpointed every 2 steps, its pool."""
+@pytest.fixture(scope="module")
+def tiny_dqc(tiny_train_dir, tmp_path_factory) -> tuple[dict, QuantizeConfig, PatchPool]:
+    """Start bounds, a 4-step x4 W2 DQC run (batch 2, 16x16) validated and checkpointed every 2 steps, its pool.
+    The run's data root holds a Set5 of one 64x64 crop: validation compiles one image shape, not Set5's five."""
+    root = tmp_path_factory.mktemp("root")
+    baby = read_image(require(DATA_ROOT / "benchmark" / "Set5" / "HR" / "baby.png"))
+    write_image(root / "benchmark" / "Set5" / "HR" / "baby.png", baby[:64, :64])
     # remat=False: the same bounds (tests/test_dqc.py), 3x quicker to compile at batch 2
     dqc = DQCConfig(steps=4, batch=2, patch=16, remat=False)
     run = QuantizeConfig(bits=2, scale=4, dqc=dqc, train_dir=str(tiny_train_dir), validate_every=2, checkpoint_every=2)
-    run = run.with_paths(DATA_ROOT)
+    run = run.with_paths(root)
     return init_bounds(swinir_light(4), QuantRules.uniform(2), fill=(-1.5, 1.5)), run, dqc_pool(run)
 
 
-def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root, monkeypatch):
+def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_dqc, data_root, monkeypatch):
     model = t291_model(4)
-    start, run, pool = _tiny_dqc(tiny_train_dir)
+    start, run, pool = tiny_dqc
     straight, log = run_dqc(model, start, run, pool, tmp_path / "straight")
     _, stopped = run_dqc(model, start, run, pool, tmp_path / "killed", stop_after=3)
     assert not stopped["completed"]
@@ -151,11 +156,11 @@ def test_dqc_resume_is_bit_exact(tmp_path, t291_model, tiny_train_dir, data_root
 
 
 @pytest.mark.parametrize("psnrs, kept", [((31.636961687, 31.636961335), 2), ((30.0, 30.0), 4)])
-def test_dqc_keeps_the_best_validated_bounds(tmp_path, t291_model, tiny_train_dir, data_root, monkeypatch, psnrs, kept):
+def test_dqc_keeps_the_best_validated_bounds(tmp_path, t291_model, tiny_dqc, data_root, monkeypatch, psnrs, kept):
     """Selection in float64: the two PSNRs are 3.5e-7 dB apart, less than float32 resolves there, and a
     float32 best once kept the lower, later one. On a tie the later step wins, as in BasicSR."""
     model = t291_model(4)
-    start, run, pool = _tiny_dqc(tiny_train_dir)
+    start, run, pool = tiny_dqc
     at = {}
     for stop in (kept, None):
         monkeypatch.setattr(pipeline, "_validation_psnr", lambda *_, scripted=iter(psnrs): next(scripted))
@@ -280,8 +285,8 @@ def test_a_resume_takes_settings_newer_than_its_run(tmp_path, data_root, tiny_tr
                      resume=True)
 
 
-def test_a_damaged_validation_log_is_named(tmp_path, t291_model, tiny_train_dir, data_root):
-    start, run, pool = _tiny_dqc(tiny_train_dir)
+def test_a_damaged_validation_log_is_named(tmp_path, t291_model, tiny_dqc, data_root):
+    start, run, pool = tiny_dqc
     (tmp_path / "validation.json").write_text("[\n")  # as a kill during its write once left it
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'validation.json'}: not valid JSON")):
         run_dqc(t291_model(4), start, run, pool, tmp_path)
@@ -533,11 +538,11 @@ def _ravel(tree) -> np.ndarray:
     return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
 
 
-def test_dqc_keeps_crossed_bounds_last(tmp_path, t291_model, tiny_train_dir, data_root, monkeypatch):
+def test_dqc_keeps_crossed_bounds_last(tmp_path, t291_model, tiny_dqc, data_root, monkeypatch):
     """A validation step whose bounds crossed somewhere (Adam moved an upper bound below its lower one: a constant
     quantizer there) is logged and kept only where every step crossed, with a warning naming the site."""
     model = t291_model(4)
-    start, run, pool = _tiny_dqc(tiny_train_dir)
+    start, run, pool = tiny_dqc
     site = "layers_0/residual_group/blocks_0/attn/k"
     monkeypatch.setattr(pipeline, "_validation_psnr", lambda *_, scripted=iter((20.0, 30.0)): next(scripted))
     monkeypatch.setattr(pipeline, "_crossed_site", lambda bounds, calls=iter((None, site)): next(calls))
