@@ -17,10 +17,10 @@ import pytest
 
 from conftest import DATA_ROOT, ctrl_c_on_call, require
 from jaxquant.checkpoint import load_model
-from jaxquant.data import list_images, read_image, write_image
+from jaxquant.data import list_images, load_benchmarks, read_image, write_image
 from jaxquant.dqc import DQCConfig
 from jaxquant import pipeline
-from jaxquant.evaluation import with_matmul_precision_here
+from jaxquant.evaluation import evaluate, with_matmul_precision_here
 from jaxquant.patches import PatchPool, lr_pool_from_folder
 from jaxquant.pipeline import (QuantizeConfig, distill, dqc_pool, load_calibration, quantize_run, read_bounds_json,
                                run_dqc, write_bounds_json)
@@ -367,6 +367,10 @@ def test_quantize_cli_end_to_end(tmp_path, tiny_train_dir):
     assert {stage: scores.keys() - {"Tiny"} for stage, scores in extended["results"].items()} == {
         stage: {"Set5"} for stage in results["results"]}
     assert all(extended["results"][stage]["Set5"] == scores["Set5"] for stage, scores in results["results"].items())
+    tiny = load_benchmarks(root, ["Tiny"], 4)
+    for stage, model in (("FP", saved._replace(bounds=None)), ("DQC", saved)):  # each stage's own model scored
+        assert extended["results"][stage]["Tiny"]["psnr"] == pytest.approx(
+            evaluate(model, tiny, show_progress=False)["Tiny"]["psnr"], abs=1e-6), stage
     recorded = json.loads((run_dir / "run_config.json").read_text())
     assert extended["config"]["datasets"] == recorded["datasets"] == ["Set5", "Tiny"]
     assert extended["seconds"].keys() == results["seconds"].keys() | {"evaluation of Tiny"}
