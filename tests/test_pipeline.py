@@ -518,20 +518,18 @@ def test_a_run_sets_and_records_its_matmul_precision(tmp_path, monkeypatch):
         QuantizeConfig(matmul_precision="tf32")
 
 
-def test_distill_is_a_research_api(tiny_train_dir):
+def test_distill_is_a_research_api(t291_model, tiny_dqc):
     """`distill` on a user's model, bounds and pool: the bounds given stay valid and unchanged, the result holds
     the best validated bounds, and resuming a stopped run ends where an uninterrupted one does."""
-    model = load_model(require(DATA_ROOT / "weights" / "swinir_light_x4_t291.pth"))
-    bounds = init_bounds(model.config, QuantRules.uniform(2), fill=(-1.5, 1.5))
-    dqc = DQCConfig(steps=2, batch=1, patch=16, remat=False)
-    pool = lr_pool_from_folder(tiny_train_dir, 4, min_size=16, keep_hr=False)
-    set5 = pipeline.load_benchmark(DATA_ROOT, "Set5", 4)[:1]
-    straight = distill(model, bounds, dqc, pool, validation=set5, validate_every=1)
-    assert [h["step"] for h in straight.history] == [1, 2] and int(straight.state.step) == 2
+    model = t291_model(4)
+    bounds, run, pool = tiny_dqc  # the same step and validation shape as the run-directory tests: compiled once
+    set5 = pipeline.load_benchmark(Path(run.data_root), "Set5", 4)
+    straight = distill(model, bounds, run.dqc, pool, validation=set5, validate_every=1)
+    assert [h["step"] for h in straight.history] == [1, 2, 3, 4] and int(straight.state.step) == 4
     assert straight.kept["psnr"] == max(h["psnr"] for h in straight.history)
-    stopped = distill(model, bounds, dqc, pool, validation=set5, validate_every=1, stop_at=1)
-    assert int(stopped.state.step) == 1 and stopped.history == straight.history[:1]
-    resumed = distill(model, bounds, dqc, pool, validation=set5, validate_every=1, resume=stopped)
+    stopped = distill(model, bounds, run.dqc, pool, validation=set5, validate_every=1, stop_at=2)
+    assert int(stopped.state.step) == 2 and stopped.history == straight.history[:2]
+    resumed = distill(model, bounds, run.dqc, pool, validation=set5, validate_every=1, resume=stopped)
     assert resumed.history == straight.history
     np.testing.assert_array_equal(_ravel(resumed.best), _ravel(straight.best))
     assert all(not leaf.is_deleted() for leaf in jax.tree.leaves((bounds, stopped.state, stopped.best)))
