@@ -21,7 +21,7 @@ from jaxquant.data import list_images, load_benchmarks, read_image, write_image
 from jaxquant.dqc import DQCConfig
 from jaxquant import pipeline
 from jaxquant.evaluation import evaluate, with_matmul_precision_here
-from jaxquant.patches import PatchPool, lr_pool_from_folder
+from jaxquant.patches import PatchPool
 from jaxquant.pipeline import (QuantizeConfig, distill, dqc_pool, load_calibration, quantize_run, read_bounds_json,
                                run_dqc, write_bounds_json)
 from jaxquant.quant import QuantRules, flat_bounds, init_bounds, list_sites, official_name
